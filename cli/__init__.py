@@ -1,0 +1,1 @@
+"""The `minordpo` command line."""

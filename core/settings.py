@@ -1,0 +1,45 @@
+"""Service settings: one pydantic-settings class read from `MINORDPO_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, in one place (names are the public contract of DESIGN.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="MINORDPO_", extra="ignore")
+
+    database_url: str = "sqlite:///var/minordpo.db"
+    artifacts_dir: Path = Path("var/artifacts")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_tokens: str | None = None
+    api_tokens_file: Path | None = None
+    allowed_paths: str | None = None
+    max_concurrent_jobs: int = Field(2, ge=1)
+    allow_remote_code: bool = False
+    auto_migrate: bool = False
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_request_bytes: int = Field(1024 * 1024, ge=1)
+    log_level: str = "INFO"
+    ray_address: str | None = Field(None, validation_alias=AliasChoices("RAY_ADDRESS", "MINORDPO_RAY_ADDRESS"))
+
+    def allowed_roots(self) -> list[Path]:
+        """Roots that local model/dataset paths must resolve into (default: cwd and the artifacts dir)."""
+        if self.allowed_paths:
+            roots = [Path(p) for p in self.allowed_paths.split(os.pathsep) if p.strip()]
+        else:
+            roots = [Path.cwd(), self.artifacts_dir]
+        return [r.expanduser().resolve() for r in roots]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests call `get_settings.cache_clear()`)."""
+    return Settings()

@@ -1,0 +1,175 @@
+"""Job spec: the pydantic v2 models shared by `minordpo train`, the API and the workers (DESIGN.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.losses import LOSSES
+
+DatasetFormat = Literal["auto", "standard", "conversational", "implicit_prompt", "openai"]
+
+
+class StrictModel(BaseModel):
+    """Base for every spec section: unknown fields are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, str_strip_whitespace=True)
+
+
+class ModelSpec(StrictModel):
+    """Where the policy comes from. A bare string in a spec means ``{"path": ...}``."""
+
+    path: str = Field(min_length=1, description="Local Hugging Face model folder, or a hub id where the network allows")
+    revision: str | None = Field(None, description="Hub revision (ignored for local folders)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    trust_remote_code: bool = Field(False, description="Refused unless the operator allows remote code")
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class DatasetSpec(StrictModel):
+    """The preference data: a file or folder path (or an uploaded dataset id) and how to split it."""
+
+    train: str = Field(min_length=1, description="Path to .jsonl/.json/.jsonl.gz/.parquet/load_from_disk folder, or ds_<id>")
+    eval: str | None = Field(None, description="Held-out file; exclusive with eval_fraction")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+    format: DatasetFormat = "auto"
+    on_bad_row: Literal["skip", "fail"] = Field("skip", description="Skip rows that cannot be used, or fail the job")
+    max_rows: int | None = Field(None, ge=1, description="Use only the first N usable rows")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DatasetSpec:
+        if self.eval and self.eval_fraction > 0:
+            raise ValueError("give either dataset.eval or dataset.eval_fraction, not both")
+        return self
+
+
+class LossSpec(StrictModel):
+    """Which loss (or weighted sum of losses) and its hyperparameters (TRL names)."""
+
+    type: str | list[str] = Field("minor_dpo", description=f"One of {', '.join(LOSSES)}, or a list of them")
+    weights: list[float] | None = Field(None, description="One weight per loss type when type is a list")
+    beta: float = Field(0.1, gt=0.0, le=100.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="ε of cdpo, robust and exo_pair")
+    discopop_tau: float = Field(0.05, gt=0.0)
+    dpop_lambda: float = Field(50.0, ge=0.0)
+    simpo_gamma: float = Field(0.5, ge=0.0)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.type,) if isinstance(self.type, str) else tuple(self.type)
+
+    @property
+    def weight_values(self) -> tuple[float, ...]:
+        return tuple(self.weights) if self.weights is not None else (1.0,) * len(self.names)
+
+    @field_validator("type")
+    @classmethod
+    def _known_loss(cls, value: str | list[str]) -> str | list[str]:
+        for name in [value] if isinstance(value, str) else value:
+            if name not in LOSSES:
+                raise ValueError(f"unknown loss '{name}'; choose from {', '.join(LOSSES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> LossSpec:
+        if isinstance(self.type, list) and not self.type:
+            raise ValueError("loss.type must name at least one loss")
+        if self.weights is not None and len(self.weights) != len(self.names):
+            raise ValueError(f"loss.weights has {len(self.weights)} entries for {len(self.names)} loss types")
+        return self
+
+    def extra(self) -> dict[str, float]:
+        """Keyword hyperparameters passed to every loss function."""
+        return {
+            "label_smoothing": self.label_smoothing,
+            "discopop_tau": self.discopop_tau,
+            "dpop_lambda": self.dpop_lambda,
+            "simpo_gamma": self.simpo_gamma,
+        }
+
+
+class TrainingSpec(StrictModel):
+    """Optimisation, schedule, evaluation and checkpoint cadence."""
+
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per optimizer step per worker, before accumulation")
+    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    learning_rate: float = Field(5e-6, gt=0.0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    max_length: int = Field(512, ge=8, le=131072)
+    seed: int = Field(0, ge=0)
+    eval_every: int | None = Field(None, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, le=1000)
+    log_every: int = Field(1, ge=1)
+    precompute_ref_logps: bool = Field(True, description="One no-grad reference pass, cached on disk; else a live reference")
+
+
+class LoraSpec(StrictModel):
+    """Low-rank adapters (peft); the reference is then the base model with adapters disabled."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ResourcesSpec(StrictModel):
+    """How much of the Ray cluster the job asks for."""
+
+    num_workers: int = Field(1, ge=1, le=1024)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256)
+    max_retries: int = Field(1, ge=0, le=100, description="Worker-group restarts from the last checkpoint")
+
+
+class JobSpec(StrictModel):
+    """A whole training job, as POSTed to `/v1/jobs` or given to `minordpo train`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        str_strip_whitespace=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "hh-minordpo",
+                    "model": "var/models/tiny-llama",
+                    "dataset": {"train": "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", "eval_fraction": 0.05},
+                    "loss": {"type": "minor_dpo", "beta": 0.1},
+                    "training": {"max_steps": 50, "batch_size": 8, "learning_rate": 5e-6, "max_length": 512},
+                    "resources": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
+                }
+            ]
+        },
+    )
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+    model: ModelSpec
+    dataset: DatasetSpec
+    loss: LossSpec = Field(default_factory=LossSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    lora: LoraSpec | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+def error_lines(exc: ValidationError) -> list[str]:
+    """One ``field.path: message`` line per validation error, for CLIs and logs."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))) or "(root)"
+        lines.append(f"{loc}: {err['msg']}")
+    return lines
+

@@ -1,0 +1,1 @@
+"""Bridge between the job store and Ray Train: dispatcher, entrypoint, metric forwarding."""
