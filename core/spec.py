@@ -36,6 +36,9 @@ class DatasetSpec(StrictModel):
     format: DatasetFormat = "auto"
     on_bad_row: Literal["skip", "fail"] = Field("skip", description="Skip rows that cannot be used, or fail the job")
     max_rows: int | None = Field(None, ge=1, description="Use only the first N usable rows")
+    truncate_prompt: bool = Field(
+        True, description="Cut long prompts from the left (keep their end); if false, rows with no room are bad rows"
+    )
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DatasetSpec:
