@@ -176,7 +176,14 @@ def simpo(
 
 
 def sft(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, chosen_lengths: Tensor | None = None, **_: object
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    *,
+    beta: float,
+    chosen_lengths: Tensor | None = None,
+    **_: object,
 ) -> Tensor:
     """Auxiliary SFT term: token-mean cross-entropy on the chosen completion (RPO = sigmoid + α·sft)."""
     return -pc / _lengths("sft", chosen_lengths, "chosen")
@@ -308,6 +315,11 @@ class MetricSums:
         values = [per_pair[n].double().sum().cpu() for n in self.names]
         count = per_pair[self.names[0]].numel()
         self._sums += torch.stack([*values, torch.tensor(float(count), dtype=torch.float64)])
+
+    @property
+    def count(self) -> int:
+        """Pairs accumulated on this rank."""
+        return int(self._sums[-1])
 
     def reduce(self, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         """Means over every pair seen, across all ranks when ``all_reduce_sum`` sums a tensor over ranks."""

@@ -28,7 +28,32 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(1024 * 1024, ge=1)
     log_level: str = "INFO"
-    ray_address: str | None = Field(None, validation_alias=AliasChoices("RAY_ADDRESS", "MINORDPO_RAY_ADDRESS"))
+    ray_address: str | None = Field(
+        None, validation_alias=AliasChoices("RAY_ADDRESS", "MINORDPO_RAY_ADDRESS")
+    )
+    public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a token")
+    log_json: bool = Field(True, description="One JSON object per log line (else plain text)")
+    tokenizer_cache_size: int = Field(4, ge=0, description="Tokenizers kept in memory for /v1/jobs:validate")
+
+    def token_entries(self) -> list[tuple[str, str]]:
+        """The configured `(project, token)` pairs from API_TOKENS and API_TOKENS_FILE (blank lines and # comments skipped)."""
+        raw: list[str] = []
+        if self.api_tokens:
+            raw.extend(self.api_tokens.split(","))
+        if self.api_tokens_file:
+            raw.extend(self.api_tokens_file.read_text(encoding="utf-8").splitlines())
+        entries: list[tuple[str, str]] = []
+        for number, item in enumerate(raw, start=1):
+            item = item.strip()
+            if not item or item.startswith("#"):
+                continue
+            project, sep, token = item.partition(":")
+            project, token = project.strip(), token.strip()
+            if not sep or not project or not token:
+                # Never echo the entry: it may hold a secret.
+                raise ValueError(f"API token entry {number} is not of the form PROJECT:TOKEN")
+            entries.append((project, token))
+        return entries
 
     def allowed_roots(self) -> list[Path]:
         """Roots that local model/dataset paths must resolve into (default: cwd and the artifacts dir)."""

@@ -20,7 +20,9 @@ class StrictModel(BaseModel):
 class ModelSpec(StrictModel):
     """Where the policy comes from. A bare string in a spec means ``{"path": ...}``."""
 
-    path: str = Field(min_length=1, description="Local Hugging Face model folder, or a hub id where the network allows")
+    path: str = Field(
+        min_length=1, description="Local Hugging Face model folder, or a hub id where the network allows"
+    )
     revision: str | None = Field(None, description="Hub revision (ignored for local folders)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     trust_remote_code: bool = Field(False, description="Refused unless the operator allows remote code")
@@ -30,14 +32,19 @@ class ModelSpec(StrictModel):
 class DatasetSpec(StrictModel):
     """The preference data: a file or folder path (or an uploaded dataset id) and how to split it."""
 
-    train: str = Field(min_length=1, description="Path to .jsonl/.json/.jsonl.gz/.parquet/load_from_disk folder, or ds_<id>")
+    train: str = Field(
+        min_length=1, description="Path to .jsonl/.json/.jsonl.gz/.parquet/load_from_disk folder, or ds_<id>"
+    )
     eval: str | None = Field(None, description="Held-out file; exclusive with eval_fraction")
     eval_fraction: float = Field(0.0, ge=0.0, lt=0.5)
     format: DatasetFormat = "auto"
-    on_bad_row: Literal["skip", "fail"] = Field("skip", description="Skip rows that cannot be used, or fail the job")
+    on_bad_row: Literal["skip", "fail"] = Field(
+        "skip", description="Skip rows that cannot be used, or fail the job"
+    )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N usable rows")
     truncate_prompt: bool = Field(
-        True, description="Cut long prompts from the left (keep their end); if false, rows with no room are bad rows"
+        True,
+        description="Cut long prompts from the left (keep their end); if false, rows with no room are bad rows",
     )
 
     @model_validator(mode="after")
@@ -96,8 +103,12 @@ class TrainingSpec(StrictModel):
     """Optimisation, schedule, evaluation and checkpoint cadence."""
 
     epochs: int = Field(1, ge=1, le=1000)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs)")
-    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per optimizer step per worker, before accumulation")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)"
+    )
+    batch_size: int = Field(
+        8, ge=1, le=4096, description="Pairs per optimizer step per worker, before accumulation"
+    )
     grad_accum_steps: int = Field(1, ge=1, le=1024)
     learning_rate: float = Field(5e-6, gt=0.0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -113,7 +124,9 @@ class TrainingSpec(StrictModel):
     checkpoint_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(2, ge=1, le=1000)
     log_every: int = Field(1, ge=1)
-    precompute_ref_logps: bool = Field(True, description="One no-grad reference pass, cached on disk; else a live reference")
+    precompute_ref_logps: bool = Field(
+        True, description="One no-grad reference pass, cached on disk; else a live reference"
+    )
 
 
 class LoraSpec(StrictModel):
@@ -145,7 +158,10 @@ class JobSpec(StrictModel):
                 {
                     "name": "hh-minordpo",
                     "model": "var/models/tiny-llama",
-                    "dataset": {"train": "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", "eval_fraction": 0.05},
+                    "dataset": {
+                        "train": "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz",
+                        "eval_fraction": 0.05,
+                    },
                     "loss": {"type": "minor_dpo", "beta": 0.1},
                     "training": {"max_steps": 50, "batch_size": 8, "learning_rate": 5e-6, "max_length": 512},
                     "resources": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
@@ -172,7 +188,9 @@ def error_lines(exc: ValidationError) -> list[str]:
     """One ``field.path: message`` line per validation error, for CLIs and logs."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))) or "(root)"
+        loc = (
+            ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            or "(root)"
+        )
         lines.append(f"{loc}: {err['msg']}")
     return lines
-

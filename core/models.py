@@ -1,0 +1,237 @@
+"""Model and tokenizer loading (`from_pretrained`, dtype, pad token, LoRA) and the tiny test models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from core.spec import LoraSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A plain ChatML template for tokenizers that ship none (e.g. GPT-2), so conversational data renders."""
+
+TINY_SIZES: dict[str, dict[str, int]] = {
+    # ≈0.8M parameters with the GPT-2 vocabulary (tied embeddings dominate): unit tests.
+    "tiny": {"hidden_size": 16, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+    # ≈19M parameters with the GPT-2 vocabulary: benchmarks.
+    "small": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 8, "num_attention_heads": 8},
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says what to fix."""
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().exists()
+
+
+def load_tokenizer(spec: ModelSpec | str, *, allow_remote_code: bool = False) -> Any:
+    """The model's tokenizer with a pad token (EOS when it has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    spec = ModelSpec(path=spec) if isinstance(spec, str) else spec
+    _check_remote_code(spec, allow_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001 - many loader errors; all mean "cannot load"
+        raise ModelLoadError(f"cannot load tokenizer from {spec.path!r}: {exc}") from exc
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelLoadError(f"tokenizer at {spec.path!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _check_remote_code(spec: ModelSpec, allow_remote_code: bool) -> None:
+    if spec.trust_remote_code and not allow_remote_code:
+        raise ModelLoadError(
+            "model.trust_remote_code is refused: the operator has not allowed remote code "
+            "(MINORDPO_ALLOW_REMOTE_CODE=true)"
+        )
+
+
+def load_model(
+    spec: ModelSpec | str,
+    *,
+    allow_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+    path_override: str | Path | None = None,
+) -> nn.Module:
+    """A causal LM through the real `from_pretrained` path (local folder or hub id)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = ModelSpec(path=spec) if isinstance(spec, str) else spec
+    _check_remote_code(spec, allow_remote_code)
+    source = str(path_override or spec.path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=None if path_override else spec.revision,
+            dtype=DTYPES[spec.dtype],
+            trust_remote_code=spec.trust_remote_code,
+            attn_implementation=spec.attn_implementation,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load model from {source!r}: {exc}") from exc
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def apply_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
+    """Wrap the model with trainable LoRA adapters (peft); base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_lora_checkpoint(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Base model + trainable adapters restored from a checkpoint folder."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside a DDP and/or peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if is_peft(model) else model
+
+
+def adapters_disabled(model: nn.Module) -> AbstractContextManager[Any]:
+    """Context in which a LoRA model acts as its base model (the reference); a no-op otherwise."""
+    model = getattr(model, "module", model)
+    return model.disable_adapter() if is_peft(model) else nullcontext()
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """Content key of a model: config and weight-file bytes for a local folder, id + revision for a hub id."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps({"path_kind": "local" if _is_local(spec.path) else "hub", "dtype": spec.dtype}).encode()
+    )
+    if not _is_local(spec.path):
+        h.update(f"{spec.path}@{spec.revision or 'main'}".encode())
+        return h.hexdigest()
+    root = Path(spec.path).expanduser()
+    for file in sorted(root.glob("*")):
+        if file.suffix in {".json", ".safetensors", ".bin"} and file.is_file():
+            h.update(file.name.encode())
+            with file.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def _byte_level_tokenizer() -> Any:
+    """A byte-level tokenizer that needs no vocabulary files: 256 byte tokens plus specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+
+
+def _tokenizer_from(path: str | Path | None) -> Any:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if path is None:
+        return _byte_level_tokenizer()
+    path = Path(path)
+    if path.is_file():
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    elif (path / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(path))
+    elif (path / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    else:
+        raise ModelLoadError(
+            f"no tokenizer at {str(path)!r}: expected tokenizer.json or tokenizer_config.json"
+        )
+    if tok.eos_token is None:
+        eos = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else None
+        if eos is None:
+            raise ModelLoadError(f"tokenizer at {str(path)!r} has no EOS token")
+        tok.eos_token = eos
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    size: Literal["tiny", "small"] = "tiny",
+    seed: int = 0,
+) -> Path:
+    """Save a random-init Llama-architecture causal LM and its tokenizer as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer_from(tokenizer)
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHATML_TEMPLATE
+    dims = TINY_SIZES[size]
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        head_dim=dims["hidden_size"] // dims["num_attention_heads"],
+        **dims,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("saved %s model (%d parameters) to %s", size, n_params, out)
+    return out

@@ -1,0 +1,472 @@
+"""The preference-optimization loop (torchtune-style recipe): data, reference, optimizer, steps, eval, checkpoints.
+
+Rank and world size come in from outside (`Distributed`); so do the model wrapper (DDP from Ray's
+`prepare_model`) and the metric reduction (`all_reduce_sum`). Metrics and events leave through a
+`Reporter`. Nothing here knows about HTTP or Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from core.checkpointing import (
+    LoopState,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from core.data import EncodedPair, LengthGroupedBatches, PreparedData, ValidationReport, prepare_data
+from core.losses import MetricSums, WeightedLoss, pair_metrics
+from core.models import (
+    adapters_disabled,
+    apply_lora,
+    is_peft,
+    load_lora_checkpoint,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+)
+from core.packing import pack_pairs
+from core.reference import ReferenceCache, ReferenceTable, cache_key, compute_reference
+from core.reporting import NullReporter, Reporter
+from core.scoring import PairScorer
+from core.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; `code` is machine-readable, the message tells a person what happened."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Distributed:
+    """What the outside world tells the loop about parallelism (defaults: one process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None
+
+
+@dataclass
+class RunOptions:
+    """Where the run writes and how it is controlled."""
+
+    output_dir: Path
+    cache_dir: Path | None = None
+    device: torch.device | str = "cpu"
+    resume_from: Path | Literal["latest"] | None = None
+    allow_remote_code: bool = False
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or cancelled) run leaves behind."""
+
+    status: Literal["completed", "cancelled"]
+    step: int
+    total_steps: int
+    metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    final_model_dir: Path | None
+    report: ValidationReport
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _batch_stream(plan: LengthGroupedBatches, epoch: int, batch: int) -> Iterator[tuple[int, int, list[int]]]:
+    """Batches from position (epoch, batch) on, epoch after epoch: (epoch, index in epoch, example indices)."""
+    while True:
+        batches = plan.epoch(epoch)
+        for i in range(batch, len(batches)):
+            yield epoch, i, batches[i]
+        epoch, batch = epoch + 1, 0
+
+
+def _optimizer(model: nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
+    t = spec.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+    )
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, spec: JobSpec, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
+        spec.training.lr_scheduler
+    ]
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=spec.training.warmup_steps, num_training_steps=total_steps
+    )
+
+
+def _pairs_digest(pairs: list[EncodedPair]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
+    return h.hexdigest()
+
+
+class Trainer:
+    """One training run of a JobSpec; `run()` does everything and returns a TrainResult."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        options: RunOptions,
+        reporter: Reporter | None = None,
+        dist: Distributed | None = None,
+    ) -> None:
+        self.spec = spec
+        self.options = options
+        self.reporter = reporter or NullReporter()
+        self.dist = dist or Distributed()
+        self.device = torch.device(options.device)
+        self.loss_fn = WeightedLoss(
+            spec.loss.names, spec.loss.weight_values, spec.loss.beta, spec.loss.extra()
+        )
+        self.checkpoint_root = options.output_dir / "checkpoints"
+
+    # ----- set-up -------------------------------------------------------------------------
+    def _resume_checkpoint(self) -> Path | None:
+        r = self.options.resume_from
+        if r is None:
+            return None
+        if r == "latest":
+            return latest_checkpoint(self.checkpoint_root)
+        return Path(r)
+
+    def _load_policy(self, checkpoint: Path | None) -> nn.Module:
+        spec = self.spec
+        allow = self.options.allow_remote_code
+        if checkpoint is None:
+            policy = load_model(spec.model, allow_remote_code=allow, device=self.device)
+            return apply_lora(policy, spec.lora) if spec.lora else policy
+        if spec.lora:
+            base = load_model(spec.model, allow_remote_code=allow, device=self.device)
+            return load_lora_checkpoint(base, checkpoint / "model").to(self.device)
+        return load_model(
+            spec.model, allow_remote_code=allow, device=self.device, path_override=checkpoint / "model"
+        )
+
+    def _reference(self, data: PreparedData, policy: nn.Module, resumed: bool) -> ReferenceTable | None:
+        """Precomputed reference table (cached), or None when the loss needs none / the reference is live."""
+        if not self.loss_fn.needs_reference or not self.spec.training.precompute_ref_logps:
+            return None
+        pairs = data.train + data.eval
+        key = cache_key(
+            model_fingerprint(self.spec.model),
+            data.fingerprint + _pairs_digest(data.eval),
+            pairs,
+            self.spec.training.max_length,
+        )
+        cache = ReferenceCache(self.options.cache_dir or self.options.output_dir / "cache")
+        table = cache.load(key)
+        if table is not None and table.chosen.numel() == len(pairs):
+            self.reporter.event(
+                "reference", "reference log-probs reused from cache", {"key": key, "cached": True}
+            )
+            return table
+        started = time.perf_counter()
+        if resumed and not is_peft(policy):
+            ref_model = load_model(
+                self.spec.model, allow_remote_code=self.options.allow_remote_code, device=self.device
+            )
+            scorer, ctx = PairScorer(ref_model), nullcontext()
+        else:  # before any update the policy is the reference (LoRA: with adapters disabled)
+            ref_model = None
+            scorer, ctx = PairScorer(policy), adapters_disabled(policy)
+        plan = LengthGroupedBatches(
+            [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
+            self.spec.training.batch_size,
+            self.spec.training.seed,
+            shuffle=False,
+        )
+        mine = [b for k, b in enumerate(plan.epoch(0)) if k % self.dist.world_size == self.dist.rank]
+        with ctx:
+            table = compute_reference(
+                scorer,
+                pairs,
+                mine,
+                device=self.device,
+                pad_id=self.pad_id,
+                all_reduce_sum=self.dist.all_reduce_sum,
+            )
+        del ref_model
+        if self.dist.rank == 0:
+            cache.save(key, table)
+        self.reporter.event(
+            "reference",
+            f"reference log-probs computed for {len(pairs)} pairs in {time.perf_counter() - started:.1f}s",
+            {"key": key, "cached": False},
+        )
+        return table
+
+    def _live_reference(self, policy: nn.Module) -> tuple[PairScorer, Any] | None:
+        if not self.loss_fn.needs_reference or self.spec.training.precompute_ref_logps:
+            return None
+        if is_peft(policy):
+            return PairScorer(policy), lambda: adapters_disabled(policy)
+        ref = load_model(
+            self.spec.model, allow_remote_code=self.options.allow_remote_code, device=self.device
+        )
+        ref.eval().requires_grad_(False)
+        return PairScorer(ref), nullcontext
+
+    # ----- the loop -------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        spec, t, dist = self.spec, self.spec.training, self.dist
+        seed_everything(t.seed)
+        self.reporter.event("status", "preparing data and model")
+        tokenizer = load_tokenizer(spec.model, allow_remote_code=self.options.allow_remote_code)
+        self.pad_id = int(tokenizer.pad_token_id)
+        data = prepare_data(spec.dataset, tokenizer, t.max_length, t.seed)
+        self.reporter.event("data", data.report.to_text(), data.report.model_dump(mode="json"))
+
+        checkpoint = self._resume_checkpoint()
+        policy = self._load_policy(checkpoint)
+        reference = self._reference(data, policy, resumed=checkpoint is not None)
+        live = self._live_reference(policy)
+
+        scorer = PairScorer(policy)
+        scorer.train()
+        train_scorer = dist.wrap_model(scorer) if dist.wrap_model else scorer
+        optimizer = _optimizer(scorer, spec)
+        lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in data.train]
+        plan = LengthGroupedBatches(lengths, t.batch_size, t.seed, rank=dist.rank, world_size=dist.world_size)
+        if plan.num_batches() == 0:
+            raise TrainingError(
+                "dataset_too_small", f"{len(data.train)} training pairs make no batch of {t.batch_size}"
+            )
+        steps_per_epoch = math.ceil(plan.num_batches() / t.grad_accum_steps)
+        total_steps = t.max_steps or t.epochs * steps_per_epoch
+        scheduler = _scheduler(optimizer, spec, total_steps)
+
+        loop = LoopState()
+        if checkpoint is not None:
+            state = load_trainer_state(checkpoint)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            loop = state["loop"]
+            set_rng_state(state["rng"])
+            self.reporter.event(
+                "resumed", f"resumed from {checkpoint.name} at step {loop.step}", {"step": loop.step}
+            )
+        self.reporter.event(
+            "started",
+            f"training {total_steps} steps on {len(data.train)} pairs",
+            {"total_steps": total_steps, "start_step": loop.step, "train_pairs": len(data.train)},
+        )
+
+        stream = _batch_stream(plan, loop.epoch, loop.batch_in_epoch)
+        params = [p for p in scorer.parameters() if p.requires_grad]
+        metrics: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        status: Literal["completed", "cancelled"] = "completed"
+        while loop.step < total_steps:
+            if self.options.should_stop is not None and self.options.should_stop():
+                status = "cancelled"
+                break
+            started = time.perf_counter()
+            sums, tokens, slots = MetricSums(), 0, 0
+            for micro in range(t.grad_accum_steps):
+                epoch, index, idx = next(stream)
+                batch = pack_pairs([data.train[i] for i in idx], idx, self.pad_id).to(self.device)
+                tokens, slots = tokens + batch.num_tokens, slots + batch.segments.numel()
+                sync = micro == t.grad_accum_steps - 1 or not hasattr(train_scorer, "no_sync")
+                with nullcontext() if sync else train_scorer.no_sync():
+                    scores = train_scorer(batch)
+                    rc, rr = self._reference_logps(batch, reference, live)
+                    per_pair = self.loss_fn(
+                        scores.chosen_logps,
+                        scores.rejected_logps,
+                        rc,
+                        rr,
+                        chosen_lengths=batch.chosen_lengths,
+                        rejected_lengths=batch.rejected_lengths,
+                    )
+                    (per_pair.mean() / t.grad_accum_steps).backward()
+                sums.add(self._pair_metrics(per_pair, scores, rc, rr))
+                loop.epoch, loop.batch_in_epoch = (epoch, index + 1)
+            reduced = sums.reduce(dist.all_reduce_sum)
+            if not math.isfinite(reduced["loss"]):
+                raise TrainingError("non_finite_loss", f"loss is {reduced['loss']} at step {loop.step + 1}")
+            max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(grad_norm):
+                raise TrainingError(
+                    "non_finite_gradient", f"gradient norm is {grad_norm} at step {loop.step + 1}"
+                )
+            lr = float(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loop.step += 1
+            counts = self._all_reduce(torch.tensor([tokens, slots], dtype=torch.float64))
+            loop.num_tokens += int(counts[0])
+            elapsed = time.perf_counter() - started
+            metrics = {
+                **reduced,
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "epoch": loop.epoch + loop.batch_in_epoch / plan.num_batches(),
+                "num_tokens": float(loop.num_tokens),
+                "padding_fraction": 1.0 - float(counts[0]) / max(1.0, float(counts[1])),
+                "pairs_per_second": sums.count * dist.world_size / max(elapsed, 1e-9),
+                "step_time": elapsed,
+            }
+            if loop.step % t.log_every == 0 or loop.step == total_steps:
+                self.reporter.metrics(loop.step, metrics)
+            if t.eval_every and data.eval and loop.step % t.eval_every == 0:
+                eval_metrics = self.evaluate(scorer, data.eval, len(data.train), reference, live)
+                self.reporter.metrics(loop.step, eval_metrics)
+            if t.checkpoint_every and loop.step % t.checkpoint_every == 0 and loop.step < total_steps:
+                self._checkpoint(policy, optimizer, scheduler, loop, metrics)
+
+        if data.eval and status == "completed" and not (t.eval_every and loop.step % t.eval_every == 0):
+            eval_metrics = self.evaluate(scorer, data.eval, len(data.train), reference, live)
+            self.reporter.metrics(loop.step, eval_metrics)
+        final_dir = self._save_final(policy, tokenizer) if status == "completed" else None
+        if status == "cancelled":
+            self._checkpoint(policy, optimizer, scheduler, loop, metrics)
+        self.reporter.event(status, f"training {status} at step {loop.step}", {"step": loop.step})
+        return TrainResult(status, loop.step, total_steps, metrics, eval_metrics, final_dir, data.report)
+
+    # ----- pieces of a step -------------------------------------------------------------------
+    def _all_reduce(self, tensor: Tensor) -> Tensor:
+        return self.dist.all_reduce_sum(tensor) if self.dist.all_reduce_sum else tensor
+
+    def _reference_logps(
+        self,
+        batch: Any,
+        reference: ReferenceTable | None,
+        live: tuple[PairScorer, Any] | None,
+        offset: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        if reference is not None:
+            rc, rr = reference.lookup(batch.example_index.cpu() + offset)
+            return rc.to(self.device), rr.to(self.device)
+        if live is not None:
+            scorer, ctx = live
+            with torch.no_grad(), ctx():
+                s = scorer(batch)
+            return s.chosen_logps.detach(), s.rejected_logps.detach()
+        zeros = torch.zeros(batch.num_pairs, device=self.device)
+        return zeros, zeros
+
+    def _pair_metrics(self, per_pair: Tensor, scores: Any, rc: Tensor, rr: Tensor) -> dict[str, Tensor]:
+        return pair_metrics(
+            per_pair,
+            scores.chosen_logps,
+            scores.rejected_logps,
+            rc,
+            rr,
+            beta=self.spec.loss.beta,
+            chosen_logits_mean=scores.chosen_logits_mean,
+            rejected_logits_mean=scores.rejected_logits_mean,
+        )
+
+    def evaluate(
+        self,
+        scorer: PairScorer,
+        pairs: list[EncodedPair],
+        offset: int,
+        reference: ReferenceTable | None,
+        live: tuple[PairScorer, Any] | None,
+    ) -> dict[str, float]:
+        """Held-out metrics (``eval/`` prefix) over this rank's share of the eval pairs, reduced over ranks."""
+        lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+        plan = LengthGroupedBatches(
+            lengths,
+            self.spec.training.batch_size,
+            0,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            shuffle=False,
+        )
+        sums = MetricSums()
+        scorer.eval()
+        with torch.no_grad():
+            for idx in plan.epoch(0):
+                batch = pack_pairs([pairs[i] for i in idx], idx, self.pad_id).to(self.device)
+                scores = scorer(batch)
+                rc, rr = self._reference_logps(batch, reference, live, offset=offset)
+                per_pair = self.loss_fn(
+                    scores.chosen_logps,
+                    scores.rejected_logps,
+                    rc,
+                    rr,
+                    chosen_lengths=batch.chosen_lengths,
+                    rejected_lengths=batch.rejected_lengths,
+                )
+                sums.add(self._pair_metrics(per_pair, scores, rc, rr))
+        scorer.train()
+        return {f"eval/{k}": v for k, v in sums.reduce(self.dist.all_reduce_sum).items()}
+
+    def _checkpoint(
+        self, policy: nn.Module, optimizer: Any, scheduler: Any, loop: LoopState, metrics: dict
+    ) -> None:
+        path = None
+        if self.dist.rank == 0:
+            path = save_checkpoint(
+                self.checkpoint_root,
+                policy,
+                optimizer,
+                scheduler,
+                loop,
+                keep=self.spec.training.keep_checkpoints,
+            )
+        self.reporter.checkpoint(loop.step, path, metrics)
+
+    def _save_final(self, policy: nn.Module, tokenizer: Any) -> Path | None:
+        if self.dist.rank != 0:
+            return None
+        out = self.options.output_dir / "final"
+        if is_peft(policy):
+            policy.save_pretrained(out / "adapter", safe_serialization=True)
+            policy = policy.merge_and_unload()
+        policy.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        self.reporter.event("final_model", f"final model saved to {out}", {"path": str(out)})
+        return out
+
+
+def train(
+    spec: JobSpec, options: RunOptions, reporter: Reporter | None = None, dist: Distributed | None = None
+) -> TrainResult:
+    """Run one job in this process (or this rank of a distributed job)."""
+    return Trainer(spec, options, reporter, dist).run()
