@@ -1,0 +1,61 @@
+"""Shared fixtures for core unit tests: repo-relative data paths and the real GPT-2 tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # CI clones the repo next to shared/
+DATA_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "data"
+GPT2_TOKENIZER_FILE = SHARED_DATA / "tokenizers" / "gpt2" / "tokenizer.json"
+HH_TEST_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+# A minimal chat template of the usual shape (role header, content, end marker, generation prompt).
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def load_gpt2_tokenizer() -> Any:
+    """A fresh GPT-2 fast tokenizer with EOS/pad set to <|endoftext|> (id 50256) and no chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(GPT2_TOKENIZER_FILE), eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer() -> Any:
+    """Shared across the session: do not mutate it (use chat_tokenizer or load_gpt2_tokenizer())."""
+    return load_gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer() -> Any:
+    """GPT-2 tokenizer with SIMPLE_CHAT_TEMPLATE set."""
+    tokenizer = load_gpt2_tokenizer()
+    tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture
+def fresh_gpt2_tokenizer() -> Any:
+    """A GPT-2 tokenizer of this test's own, free to modify."""
+    return load_gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """``<repo>/../shared/data``: the real data and tokenizer (see shared/data/SOURCES.md)."""
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_fixtures_dir() -> Path:
+    """``tests/fixtures/data``: small hand-written preference files."""
+    return DATA_FIXTURES
