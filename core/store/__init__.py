@@ -1,0 +1,123 @@
+"""Persistence: SQLAlchemy models, queries and migrations helpers (no web, no Ray).
+
+Transactions belong to the caller: store functions take a Session, flush, and never commit. Wrap a
+unit of work in ``Database.write()`` (``BEGIN IMMEDIATE`` on SQLite) or ``Database.read()``.
+"""
+
+from __future__ import annotations
+
+from core.store.checkpoints import add_checkpoint, delete_checkpoint, latest_checkpoint, list_checkpoints
+from core.store.datasets import get_dataset, list_datasets, register_dataset
+from core.store.db import Database, make_engine, normalize_url, sqlite_file
+from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError, StoreError
+from core.store.events import append_event, last_event_seq, list_events
+from core.store.jobs import (
+    TRANSITIONS,
+    JobError,
+    JobPage,
+    cancel_job,
+    claim_queued,
+    count_jobs,
+    create_job,
+    get_job,
+    list_jobs,
+    purge_idempotency_keys,
+    queue_position,
+    require_job,
+    set_ray_submission,
+    transition,
+    update_progress,
+)
+from core.store.metrics import MetricRow, MetricSeries, append_metrics, metric_series
+from core.store.migrate import (
+    SchemaOutOfDateError,
+    current_revision,
+    ensure_schema_current,
+    head_revision,
+    upgrade,
+)
+from core.store.models import (
+    TERMINAL_STATUSES,
+    ApiToken,
+    Base,
+    Checkpoint,
+    Dataset,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    JobStatus,
+    MetricPoint,
+    Project,
+)
+from core.store.projects import (
+    ADMIN_PROJECT,
+    ensure_project,
+    hash_token,
+    list_projects,
+    parse_token_entries,
+    project_for_token,
+    sync_tokens,
+)
+
+__all__ = [
+    "ADMIN_PROJECT",
+    "TERMINAL_STATUSES",
+    "TRANSITIONS",
+    "ApiToken",
+    "Base",
+    "Checkpoint",
+    "Database",
+    "Dataset",
+    "IdempotencyConflictError",
+    "IdempotencyKey",
+    "InvalidCursorError",
+    "Job",
+    "JobError",
+    "JobEvent",
+    "JobPage",
+    "JobStatus",
+    "MetricPoint",
+    "MetricRow",
+    "MetricSeries",
+    "NotFoundError",
+    "Project",
+    "SchemaOutOfDateError",
+    "StoreError",
+    "add_checkpoint",
+    "append_event",
+    "append_metrics",
+    "cancel_job",
+    "claim_queued",
+    "count_jobs",
+    "create_job",
+    "current_revision",
+    "delete_checkpoint",
+    "ensure_project",
+    "ensure_schema_current",
+    "get_dataset",
+    "get_job",
+    "hash_token",
+    "head_revision",
+    "last_event_seq",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "list_datasets",
+    "list_events",
+    "list_jobs",
+    "list_projects",
+    "make_engine",
+    "metric_series",
+    "normalize_url",
+    "parse_token_entries",
+    "project_for_token",
+    "purge_idempotency_keys",
+    "queue_position",
+    "register_dataset",
+    "require_job",
+    "set_ray_submission",
+    "sqlite_file",
+    "sync_tokens",
+    "transition",
+    "update_progress",
+    "upgrade",
+]

@@ -1,0 +1,404 @@
+"""Job queries: idempotent create, project-scoped reads, cursor pages, guarded transitions, cancel, claim."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError
+from core.store.events import append_event
+from core.store.ids import new_job_id
+from core.store.models import TERMINAL_STATUSES, IdempotencyKey, Job, JobStatus, utcnow
+from core.store.projects import ensure_project
+
+#: Legal moves of the public lifecycle; a terminal state has none (it is final).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "failed", "cancelled"}),
+    "running": frozenset({"succeeded", "failed", "cancelled"}),
+}
+MAX_PAGE = 1000
+# Serialises claimers that enforce `max_running` on PostgreSQL (SQLite writers are serialised anyway).
+_PG_CLAIM_LOCK = 0x6D696E6F72636C6D
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed, in words a person can act on (the API's `error: {code, message}`)."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of `list_jobs`: newest first; `next_cursor` is None on the last page."""
+
+    data: list[Job]
+    next_cursor: str | None
+
+
+def spec_to_json(spec: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON object stored for a spec (a pydantic model is dumped with its defaults)."""
+    if isinstance(spec, BaseModel):
+        return spec.model_dump(mode="json")
+    return json.loads(json.dumps(dict(spec), allow_nan=False))
+
+
+def request_hash(spec_json: Mapping[str, Any], group_id: str | None = None) -> str:
+    """SHA-256 of the canonical JSON of a create request (what an Idempotency-Key is bound to)."""
+    body = {"spec": spec_json, "group_id": group_id}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _status(value: str) -> str:
+    try:
+        return JobStatus(value).value
+    except ValueError:
+        raise ValueError(
+            f"unknown job status {value!r}; one of {', '.join(s.value for s in JobStatus)}"
+        ) from None
+
+
+def _replay(session: Session, row: IdempotencyKey, digest: str) -> tuple[Job, bool]:
+    if row.request_hash != digest:
+        raise IdempotencyConflictError(row.key, row.job_id)
+    job = session.scalars(select(Job).where(Job.id == row.job_id)).one()
+    return job, False
+
+
+def _find_key(session: Session, project: str, key: str) -> IdempotencyKey | None:
+    return session.scalars(
+        select(IdempotencyKey)
+        .where(IdempotencyKey.project == project, IdempotencyKey.key == key)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+
+
+def create_job(
+    session: Session,
+    *,
+    project: str,
+    spec: BaseModel | Mapping[str, Any],
+    name: str | None = None,
+    idempotency_key: str | None = None,
+    group_id: str | None = None,
+    total_steps: int | None = None,
+) -> tuple[Job, bool]:
+    """Create a queued job; returns (job, created).
+
+    With `idempotency_key` (unique per project): the same key and body returns the first job with
+    created=False; the same key with another body raises IdempotencyConflictError. Safe under
+    concurrent callers (a losing insert is rolled back to a savepoint and the winner's job returned).
+    """
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
+        raise ValueError("Idempotency-Key must be 1 to 255 characters")
+    spec_json = spec_to_json(spec)
+    job_name = name or str(spec_json.get("name") or "job")
+    digest = request_hash(spec_json, group_id)
+    ensure_project(session, project)
+    if idempotency_key is not None and (row := _find_key(session, project, idempotency_key)) is not None:
+        return _replay(session, row, digest)
+    now = utcnow()
+    job = Job(
+        id=new_job_id(),
+        project=project,
+        name=job_name,
+        status=JobStatus.QUEUED.value,
+        cancel_requested=False,
+        spec=spec_json,
+        group_id=group_id,
+        created_at=now,
+        updated_at=now,
+        step=0,
+        total_steps=total_steps,
+        attempt=0,
+        last_event_seq=0,
+    )
+    if idempotency_key is None:
+        session.add(job)
+        session.flush()
+    else:
+        try:
+            with session.begin_nested():
+                session.add(job)
+                session.flush()
+                session.add(
+                    IdempotencyKey(
+                        project=project,
+                        key=idempotency_key,
+                        request_hash=digest,
+                        job_id=job.id,
+                        created_at=now,
+                    )
+                )
+                session.flush()
+        except IntegrityError:
+            row = _find_key(session, project, idempotency_key)
+            if row is None:
+                raise
+            return _replay(session, row, digest)
+    append_event(
+        session, job.id, "status", "job queued", {"from": None, "to": "queued"}, dedup_key="status:queued"
+    )
+    return job, True
+
+
+def _scoped(stmt: Any, project: str | None) -> Any:
+    return stmt if project is None else stmt.where(Job.project == project)
+
+
+def get_job(session: Session, job_id: str, *, project: str | None = None) -> Job | None:
+    """The job, or None if it does not exist or belongs to another project (`project=None`: any)."""
+    return session.scalars(_scoped(select(Job).where(Job.id == job_id), project)).one_or_none()
+
+
+def require_job(session: Session, job_id: str, *, project: str | None = None) -> Job:
+    """Like `get_job` but raises NotFoundError instead of returning None."""
+    job = get_job(session, job_id, project=project)
+    if job is None:
+        raise NotFoundError(f"job {job_id} not found")
+    return job
+
+
+def encode_cursor(seq: int) -> str:
+    """Opaque cursor for the position just after the job with this `seq` (newest-first order)."""
+    return base64.urlsafe_b64encode(f"j1:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The `seq` inside a cursor made by `encode_cursor`; raises InvalidCursorError otherwise."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, number = raw.partition(":")
+        if prefix != "j1" or not number.isdigit():
+            raise ValueError
+        return int(number)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidCursorError(f"invalid cursor {cursor!r}") from None
+
+
+def _status_filter(stmt: Any, status: str | Iterable[str] | None) -> Any:
+    if status is None:
+        return stmt
+    statuses = [_status(status)] if isinstance(status, str) else [_status(s) for s in status]
+    return stmt.where(Job.status.in_(statuses))
+
+
+def list_jobs(
+    session: Session,
+    *,
+    project: str | None = None,
+    status: str | Iterable[str] | None = None,
+    group_id: str | None = None,
+    limit: int = 50,
+    after: str | None = None,
+) -> JobPage:
+    """A page of jobs, newest first. Pass `next_cursor` back as `after` for the next page.
+
+    The cursor is the last job's `seq`, so pages stay stable while jobs are created: new jobs sort
+    before the cursor and never shift or repeat rows of later pages. Raises InvalidCursorError.
+    """
+    limit = max(1, min(int(limit), MAX_PAGE))
+    stmt = _status_filter(_scoped(select(Job), project), status)
+    if group_id is not None:
+        stmt = stmt.where(Job.group_id == group_id)
+    if after is not None:
+        stmt = stmt.where(Job.seq < decode_cursor(after))
+    rows = list(session.scalars(stmt.order_by(Job.seq.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return JobPage(data=rows, next_cursor=encode_cursor(rows[-1].seq) if more else None)
+
+
+def count_jobs(
+    session: Session, *, project: str | None = None, status: str | Iterable[str] | None = None
+) -> int:
+    """How many jobs match (e.g. running jobs, for a concurrency limit)."""
+    stmt = _status_filter(_scoped(select(func.count()).select_from(Job), project), status)
+    return int(session.scalar(stmt) or 0)
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1-based position of a queued job in the dispatch queue (all projects), or None if not queued."""
+    if job.status != JobStatus.QUEUED.value:
+        return None
+    ahead = session.scalar(
+        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED.value, Job.seq < job.seq)
+    )
+    return int(ahead or 0) + 1
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    to_status: str,
+    *,
+    error: JobError | tuple[str, str] | None = None,
+    expected_from: str | Iterable[str] | None = None,
+    message: str | None = None,
+) -> bool:
+    """Move a job to `to_status` if the lifecycle allows it; returns whether it changed.
+
+    The job row is locked (``SELECT ... FOR UPDATE`` on PostgreSQL) and the UPDATE is conditional
+    on the status read, so concurrent writers cannot make an illegal move. `expected_from` narrows
+    the allowed source states. A terminal state is final. A status event (dedup key
+    ``status:<to>``) is appended in the same transaction. Raises NotFoundError, ValueError.
+    """
+    to = _status(to_status)
+    allowed = {src for src, targets in TRANSITIONS.items() if to in targets}
+    if expected_from is not None:
+        wanted = [expected_from] if isinstance(expected_from, str) else list(expected_from)
+        allowed &= {_status(s) for s in wanted}
+    current = session.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
+    if current is None:
+        raise NotFoundError(f"job {job_id} not found")
+    if current not in allowed:
+        return False
+    now = utcnow()
+    values: dict[str, Any] = {"status": to, "updated_at": now}
+    if to == JobStatus.RUNNING.value:
+        values["started_at"] = func.coalesce(Job.started_at, now)
+    if to in TERMINAL_STATUSES:
+        values["finished_at"] = now
+    err = JobError(*error) if isinstance(error, tuple) else error
+    if err is not None:
+        values["error_code"], values["error_message"] = err.code, err.message
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == current)
+        .values(**values)
+        .execution_options(synchronize_session="fetch")
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    data: dict[str, Any] = {"from": current, "to": to}
+    if err is not None:
+        data["error"] = {"code": err.code, "message": err.message}
+    append_event(session, job_id, "status", message or f"{current} -> {to}", data, dedup_key=f"status:{to}")
+    return True
+
+
+def cancel_job(session: Session, job_id: str, *, project: str | None = None) -> tuple[Job, bool]:
+    """Request cancellation; returns (job, changed). Idempotent.
+
+    queued -> cancelled at once; running -> `cancel_requested=True` (the worker stops it and moves
+    it to cancelled); terminal, or already requested -> no-op. Raises NotFoundError.
+    """
+    job = require_job(session, job_id, project=project)
+    changed = transition(
+        session, job_id, "cancelled", expected_from="queued", message="cancelled before start"
+    )
+    if not changed:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.cancel_requested.is_(False))
+            .values(cancel_requested=True, updated_at=utcnow())
+            .execution_options(synchronize_session="fetch")
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            append_event(
+                session, job_id, "cancel_requested", "cancellation requested", dedup_key="cancel_requested"
+            )
+            changed = True
+    session.refresh(job)
+    return job, changed
+
+
+def claim_queued(
+    session: Session, limit: int, worker_id: str, *, max_running: int | None = None
+) -> list[Job]:
+    """Atomically move up to `limit` of the oldest queued jobs to running for `worker_id`.
+
+    One ``UPDATE ... WHERE seq IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``: on PostgreSQL
+    concurrent claimers skip each other's rows; on SQLite the statement holds the write lock. No job
+    is claimed twice. Sets started_at, claimed_by, attempt += 1 and appends the status events. With
+    `max_running`, claims only up to that many running jobs in total (claimers serialised by an
+    advisory lock on PostgreSQL). Returns the claimed jobs, oldest first.
+    """
+    if max_running is not None:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CLAIM_LOCK})
+        limit = min(limit, max_running - count_jobs(session, status=JobStatus.RUNNING.value))
+    if limit <= 0:
+        return []
+    now = utcnow()
+    pick = (
+        select(Job.seq)
+        .where(Job.status == JobStatus.QUEUED.value)
+        .order_by(Job.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    claimed = session.scalars(
+        update(Job)
+        .where(Job.seq.in_(pick), Job.status == JobStatus.QUEUED.value)
+        .values(
+            status=JobStatus.RUNNING.value,
+            started_at=now,
+            updated_at=now,
+            heartbeat_at=now,
+            claimed_by=worker_id,
+            attempt=Job.attempt + 1,
+        )
+        .returning(Job),
+        execution_options={"synchronize_session": False, "populate_existing": True},
+    ).all()
+    jobs = sorted(claimed, key=lambda j: j.seq)
+    for job in jobs:
+        append_event(
+            session,
+            job.id,
+            "status",
+            f"queued -> running (claimed by {worker_id})",
+            {"from": "queued", "to": "running", "worker": worker_id},
+            dedup_key="status:running",
+        )
+    return jobs
+
+
+def update_progress(
+    session: Session, job_id: str, *, step: int | None = None, total_steps: int | None = None
+) -> bool:
+    """Record progress and a heartbeat for a job that is not terminal; returns whether it was updated."""
+    now = utcnow()
+    values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
+    if step is not None:
+        values["step"] = step
+    if total_steps is not None:
+        values["total_steps"] = total_steps
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(TERMINAL_STATUSES))
+        .values(**values)
+        .execution_options(synchronize_session="fetch")
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def set_ray_submission(session: Session, job_id: str, submission_id: str) -> bool:
+    """Record the Ray submission id of a job; returns whether the job exists."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(ray_submission_id=submission_id, updated_at=utcnow())
+        .execution_options(synchronize_session="fetch")
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def purge_idempotency_keys(session: Session, older_than: datetime) -> int:
+    """Forget idempotency keys created before `older_than` (the jobs stay); returns how many."""
+    result = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < older_than))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -1,0 +1,227 @@
+"""Metric points: idempotent appends and step-range series with SQL downsampling.
+
+Layout: one row per (job_id, step) holding every metric of that step as a JSON object (JSONB on
+PostgreSQL), primary key (job_id, step). Training reports all metrics of a step together and the
+API serves rows `{step, time, <name>: value, ...}`, so a step range is one primary-key range scan
+with no pivot, and 100k steps are 100k rows (a row per (step, name) would be 10x as many for ten
+metrics, and downsampling would have to window over all of them). A name filter keeps the rows
+holding any of the names (`?|` on JSONB, `json_type` on SQLite). Downsampling numbers the matching
+rows by step with `row_number()` and keeps the ranks nearest to `max_points` evenly spaced ones,
+first and last always included, computed in SQL from the step column alone before the JSON is read.
+
+A step reported again (a retried worker) adds only the names the row lacks: the first value of a
+name at a step wins, so a retry never duplicates or rewrites a point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Text, bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
+
+from core.store.errors import NotFoundError
+from core.store.models import Job, MetricPoint, utcnow
+from core.store.projects import dialect_insert
+
+METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./:-]{0,127}$")
+MAX_LIMIT = 100_000
+_INSERT_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One step of a series: wall-clock time (unix seconds) and the metric values (None for NaN/inf)."""
+
+    step: int
+    time: float
+    values: dict[str, float | None]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The API's row shape: ``{"step", "time", <name>: value, ...}``."""
+        return {"step": self.step, "time": self.time, **self.values}
+
+
+@dataclass(frozen=True)
+class MetricSeries:
+    """A page of a series: rows by step; pass `next_after_step` back as `after_step` to continue."""
+
+    data: list[MetricRow]
+    next_after_step: int | None
+    has_more: bool
+
+
+def check_metric_name(name: str) -> str:
+    """Return `name` if it is a valid metric name (letters, digits, `_./:-`, up to 128), else ValueError."""
+    if not isinstance(name, str) or not METRIC_NAME_RE.match(name):
+        raise ValueError(f"invalid metric name {name!r}")
+    return name
+
+
+def _clean_value(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"metric {name!r} must be a number, got {type(value).__name__}")
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _clean_rows(rows: Iterable[Mapping[str, Any]]) -> dict[int, tuple[float, dict[str, float | None]]]:
+    out: dict[int, tuple[float, dict[str, float | None]]] = {}
+    for row in rows:
+        step = row.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"metric row needs a non-negative integer step, got {step!r}")
+        raw_time = row.get("time")
+        wall = float(raw_time) if raw_time is not None else time.time()
+        raw = (
+            row["values"] if "values" in row else {k: v for k, v in row.items() if k not in ("step", "time")}
+        )
+        values = {check_metric_name(k): _clean_value(k, v) for k, v in raw.items()}
+        if step in out:  # the same step twice in one batch: first value of each name wins
+            prev_time, prev = out[step]
+            out[step] = (prev_time, {**values, **prev})
+        else:
+            out[step] = (wall, values)
+    return out
+
+
+def append_metrics(
+    session: Session, job_id: str, rows: Iterable[Mapping[str, Any]], *, update_job: bool = True
+) -> int:
+    """Store metric rows ``{"step": int, "time": float?, "values": {name: number}}`` idempotently.
+
+    The flat form ``{"step", "time", <name>: value}`` is accepted too. NaN/inf are stored as null.
+    A (job, step) already stored only gains the names it lacked (first value wins). With
+    `update_job`, the job's progress `step` and `latest_metrics` follow the highest step. Returns
+    how many rows were inserted or gained names. Raises NotFoundError, ValueError.
+    """
+    cleaned = _clean_rows(rows)
+    if not cleaned:
+        return 0
+    job = session.execute(
+        select(Job.step, Job.latest_metrics).where(Job.id == job_id).with_for_update()
+    ).one_or_none()
+    if job is None:
+        raise NotFoundError(f"job {job_id} not found")
+    params = [
+        {"job_id": job_id, "step": s, "wall_time": t, "metrics": v} for s, (t, v) in sorted(cleaned.items())
+    ]
+    inserted: set[int] = set()
+    stmt = dialect_insert(session, MetricPoint).on_conflict_do_nothing(index_elements=["job_id", "step"])
+    for start in range(0, len(params), _INSERT_BATCH):
+        batch = params[start : start + _INSERT_BATCH]
+        inserted.update(session.scalars(stmt.returning(MetricPoint.step), batch).all())
+    written = len(inserted)
+    repeats = [s for s in cleaned if s not in inserted]
+    if repeats:
+        stored = session.execute(
+            select(MetricPoint.step, MetricPoint.metrics).where(
+                MetricPoint.job_id == job_id, MetricPoint.step.in_(repeats)
+            )
+        ).all()
+        for step, old in stored:
+            new = cleaned[step][1]
+            if set(new) - set(old):
+                session.execute(
+                    update(MetricPoint)
+                    .where(MetricPoint.job_id == job_id, MetricPoint.step == step)
+                    .values(metrics={**new, **old})
+                    .execution_options(synchronize_session=False)
+                )
+                written += 1
+    if update_job:
+        top = max(cleaned)
+        if top >= job.step:
+            latest = dict(job.latest_metrics or {})
+            for step in sorted(s for s in cleaned if s >= job.step):
+                latest.update(cleaned[step][1])
+            now = utcnow()
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(step=top, latest_metrics=latest, heartbeat_at=now, updated_at=now)
+                .execution_options(synchronize_session="fetch")
+            )
+    session.flush()
+    return written
+
+
+def _names_filter(dialect: str, names: Sequence[str], params: dict[str, Any]) -> str:
+    if dialect == "postgresql":
+        params["names"] = list(names)
+        return "AND metrics ?| :names"
+    clauses = []
+    for i, name in enumerate(names):
+        params[f"n{i}"] = f'$."{name}"'
+        clauses.append(f"json_type(metrics, :n{i}) IS NOT NULL")
+    return "AND (" + " OR ".join(clauses) + ")"
+
+
+def metric_series(
+    session: Session,
+    job_id: str,
+    *,
+    after_step: int | None = None,
+    names: Sequence[str] | None = None,
+    max_points: int | None = None,
+    limit: int = 10_000,
+) -> MetricSeries:
+    """Rows of a job's series with step > `after_step`, sorted by step, at most `limit`.
+
+    `names` keeps only those metrics (and only rows holding at least one of them). `max_points`
+    downsamples the whole range after `after_step` to that many rows, evenly spaced by rank, the
+    first and last always kept (>= 2). Does not check the job exists (no rows for an unknown job).
+    """
+    limit = max(1, min(int(limit), MAX_LIMIT))
+    if max_points is not None and max_points < 2:
+        raise ValueError("max_points must be at least 2")
+    wanted = [check_metric_name(n) for n in names] if names else None
+    dialect = session.get_bind().dialect.name
+    params: dict[str, Any] = {
+        "job_id": job_id,
+        "after": -1 if after_step is None else after_step,
+        "lim": limit + 1,
+    }
+    where = "job_id = :job_id AND step > :after"
+    if wanted:
+        where += " " + _names_filter(dialect, wanted, params)
+    if max_points is None:
+        sql = f"SELECT step, wall_time, metrics FROM metric_points WHERE {where} ORDER BY step LIMIT :lim"
+    else:
+        params["m"] = max_points
+        # Rank rn (0-based) of n rows is kept when some k in 0..m-1 has ceil(k*(n-1)/(m-1)) == rn,
+        # i.e. when a multiple of (n-1) lies in [rn*(m-1), rn*(m-1) + m - 2]: exactly m ranks, 0 and n-1.
+        sql = f"""
+            WITH ranked AS (
+                SELECT step, row_number() OVER (ORDER BY step) - 1 AS rn, count(*) OVER () AS n
+                FROM metric_points WHERE {where}
+            ), picked AS (
+                SELECT step FROM ranked
+                WHERE n <= :m OR ((rn * (:m - 1) + n - 2) / (n - 1)) * (n - 1) <= rn * (:m - 1) + :m - 2
+            )
+            SELECT mp.step, mp.wall_time, mp.metrics FROM metric_points mp
+            JOIN picked ON mp.step = picked.step
+            WHERE mp.job_id = :job_id ORDER BY mp.step LIMIT :lim
+        """
+    query = text(sql)
+    if "names" in params:
+        query = query.bindparams(bindparam("names", type_=ARRAY(Text())))
+    result = session.execute(query, params).all()
+    more = len(result) > limit
+    rows: list[MetricRow] = []
+    for step, wall, metrics in result[:limit]:
+        values = metrics if isinstance(metrics, dict) else json.loads(metrics)
+        if wanted:
+            values = {k: values[k] for k in wanted if k in values}
+        rows.append(MetricRow(step=int(step), time=float(wall), values=values))
+    next_after = rows[-1].step if rows else after_step
+    return MetricSeries(data=rows, next_after_step=next_after, has_more=more)

@@ -1,0 +1,99 @@
+"""Migrations: models and migrated schema do not drift, downgrade/upgrade round-trips, the startup check."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from typer.testing import CliRunner
+
+from cli.main import app
+from core.settings import get_settings
+from core.store import migrate
+from core.store.db import make_engine
+from core.store.models import Base
+
+
+def _drift(url: str) -> list:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(
+                conn, opts={"compare_type": True, "compare_server_default": False}
+            )
+            return compare_metadata(ctx, Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def _tables(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_single_head_is_the_initial_revision() -> None:
+    assert migrate.head_revision() == "0001"
+    assert (migrate.MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
+
+
+def test_models_and_migrated_schema_do_not_drift(empty_url: str) -> None:
+    assert migrate.upgrade(empty_url) == migrate.head_revision()
+    assert _drift(empty_url) == []
+    assert set(Base.metadata.tables) <= _tables(empty_url)
+
+
+def test_downgrade_then_upgrade(empty_url: str) -> None:
+    migrate.upgrade(empty_url)
+    assert migrate.downgrade(empty_url, "base") is None
+    assert _tables(empty_url) - {"alembic_version"} == set()
+    assert migrate.current_revision(empty_url) is None
+    assert migrate.upgrade(empty_url) == "0001"
+    assert _drift(empty_url) == []
+
+
+def test_ensure_schema_current_refuses_an_empty_database(empty_url: str) -> None:
+    with pytest.raises(migrate.SchemaOutOfDateError) as info:
+        migrate.ensure_schema_current(empty_url)
+    message = str(info.value)
+    assert "code expects 0001" in message
+    assert "run `minordpo db upgrade`" in message
+    assert info.value.current is None and info.value.head == "0001"
+
+
+def test_ensure_schema_current_auto_migrates_when_asked(empty_url: str) -> None:
+    assert migrate.ensure_schema_current(empty_url, auto_migrate=True) == "0001"
+    assert migrate.current_revision(empty_url) == "0001"
+    assert migrate.ensure_schema_current(empty_url) == "0001"  # now current: no error, no change
+
+
+def test_ensure_schema_current_refuses_an_unknown_newer_revision(empty_url: str) -> None:
+    migrate.upgrade(empty_url)
+    engine = make_engine(empty_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff9999'"))
+    engine.dispose()
+    with pytest.raises(migrate.SchemaOutOfDateError, match="does not know"):
+        migrate.ensure_schema_current(empty_url, auto_migrate=True)
+
+
+def test_cli_db_upgrade_and_current(empty_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINORDPO_DATABASE_URL", empty_url)
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        before = runner.invoke(app, ["db", "current"])
+        assert before.exit_code == 1 and "out of date" in before.output
+        result = runner.invoke(app, ["db", "upgrade"])
+        assert result.exit_code == 0, result.output
+        assert "0001" in result.output
+        again = runner.invoke(app, ["db", "upgrade"])
+        assert again.exit_code == 0 and "already at 0001" in again.output
+        current = runner.invoke(app, ["db", "current"])
+        assert current.exit_code == 0 and "up to date" in current.output
+    finally:
+        get_settings.cache_clear()
+    assert migrate.current_revision(empty_url) == "0001"
