@@ -1,0 +1,53 @@
+"""Fixtures shared by every suite: repo-relative paths to ../shared/data, a tiny model, a learnable dataset."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"  # CI clones the repo next to shared/
+HH_FILE = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+GPT2_FILE = SHARED / "tokenizers" / "gpt2" / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ~0.8M-parameter random-init Llama with the real GPT-2 tokenizer, saved in HF format once per session."""
+    from core.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", tokenizer=GPT2_FILE, size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def learnable_pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TRL-standard pairs: real HH-RLHF prompts, completions that share most tokens and differ in a learnable way.
+
+    Chosen and rejected share their tail (as real pairs share most tokens), which is what drags DPO's
+    chosen log-probs down at high learning rates; the helpful/refusing opening is what a model can learn
+    and carry to held-out pairs.
+    """
+    rng = random.Random(0)
+    topics = ["the weather", "a recipe", "my homework", "a trip", "the garden", "a poem", "my code", "the budget"]
+    path = tmp_path_factory.mktemp("data") / "learnable.jsonl"
+    with gzip.open(HH_FILE, "rt", encoding="utf-8") as src, path.open("w", encoding="utf-8") as out:
+        for _, line in zip(range(240), src, strict=False):
+            chosen_dialogue = json.loads(line)["chosen"]
+            cut = chosen_dialogue.rfind("\n\nAssistant:") + len("\n\nAssistant:")
+            topic = rng.choice(topics)
+            row = {
+                "prompt": chosen_dialogue[:cut][-300:],
+                "chosen": f" Sure, I would be glad to help you with {topic}. Here is what I suggest.",
+                "rejected": f" No, I will not help you with {topic}. Here is what I suggest.",
+            }
+            out.write(json.dumps(row) + "\n")
+    return path
