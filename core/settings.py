@@ -35,25 +35,12 @@ class Settings(BaseSettings):
     log_json: bool = Field(True, description="One JSON object per log line (else plain text)")
     tokenizer_cache_size: int = Field(4, ge=0, description="Tokenizers kept in memory for /v1/jobs:validate")
 
-    def token_entries(self) -> list[tuple[str, str]]:
-        """The configured `(project, token)` pairs from API_TOKENS and API_TOKENS_FILE (blank lines and # comments skipped)."""
-        raw: list[str] = []
-        if self.api_tokens:
-            raw.extend(self.api_tokens.split(","))
+    def token_text(self) -> str:
+        """The raw `PROJECT:TOKEN` entries of API_TOKENS and API_TOKENS_FILE, newline-separated (parse with core.store)."""
+        parts = [self.api_tokens or ""]
         if self.api_tokens_file:
-            raw.extend(self.api_tokens_file.read_text(encoding="utf-8").splitlines())
-        entries: list[tuple[str, str]] = []
-        for number, item in enumerate(raw, start=1):
-            item = item.strip()
-            if not item or item.startswith("#"):
-                continue
-            project, sep, token = item.partition(":")
-            project, token = project.strip(), token.strip()
-            if not sep or not project or not token:
-                # Never echo the entry: it may hold a secret.
-                raise ValueError(f"API token entry {number} is not of the form PROJECT:TOKEN")
-            entries.append((project, token))
-        return entries
+            parts.append(self.api_tokens_file.read_text(encoding="utf-8"))
+        return "\n".join(p for p in parts if p.strip())
 
     def allowed_roots(self) -> list[Path]:
         """Roots that local model/dataset paths must resolve into (default: cwd and the artifacts dir)."""

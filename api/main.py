@@ -1,0 +1,107 @@
+"""The FastAPI app factory: `create_app(settings)` wires settings, database, auth, middleware and routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from api.errors import install_error_handlers
+from api.logging import configure_logging
+from api.metrics import ApiMetrics
+from api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from api.routers import datasets, docs, health, jobs
+from api.services.auth import Authenticator
+from api.services.jobs import count_by_status
+from api.services.validation import TokenizerCache
+from core.settings import Settings, get_settings
+from core.store import Database
+
+log = logging.getLogger("api")
+PUBLIC_PATHS = {"/healthz", "/readyz"}
+DOCS_PATHS = {"/docs", "/openapi.json", "/docs/assets/"}
+UPLOAD_PATHS = {"/v1/datasets"}
+DESCRIPTION = """Preference-optimization training jobs (MinorDPO and the DPO family) on Ray Train.
+
+Authenticate with `Authorization: Bearer <token>` (tokens from `MINORDPO_API_TOKENS`). Errors are
+`application/problem+json` (RFC 9457) with a `detail` and, for invalid input, `errors: [{loc, msg}]`.
+"""
+
+
+def _version() -> str:
+    try:
+        return version("minordpo-service")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def _database_check(db: Database) -> Callable[[], None]:
+    def check() -> None:
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    return check
+
+
+def create_app(settings: Settings | None = None, *, database: Database | None = None) -> FastAPI:
+    """Build the app. Raises api.services.auth.StartupError for a configuration that must not serve.
+
+    The database must already be at the schema head (`minordpo serve` checks that first). Extra
+    readiness checks (e.g. Ray) go in `app.state.readiness_checks[name] = callable`; more public
+    paths (e.g. a dashboard page) in `app.state.public_paths`.
+    """
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    db = database or Database(settings.database_url)
+    authenticator = Authenticator.from_settings(settings, db)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("API ready (auth %s)", "on" if authenticator.enabled else "off: loopback only")
+        yield
+        if database is None:
+            db.dispose()
+
+    app = FastAPI(
+        title="MinorDPO Service",
+        version=_version(),
+        description=DESCRIPTION,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    metrics = ApiMetrics()
+    metrics.track_jobs(lambda: count_by_status(db))
+    public_paths = set(PUBLIC_PATHS) | (DOCS_PATHS if settings.public_docs else set())
+    state: dict[str, Any] = {
+        "settings": settings,
+        "db": db,
+        "metrics": metrics,
+        "authenticator": authenticator,
+        "tokenizers": TokenizerCache(settings.tokenizer_cache_size),
+        "readiness_checks": {"database": _database_check(db)},
+        "public_paths": public_paths,
+    }
+    for key, value in state.items():
+        setattr(app.state, key, value)
+
+    install_error_handlers(app)
+    for module in (health, jobs, datasets, docs):
+        app.include_router(module.router)
+
+    # Added last = outermost: request context wraps auth, auth wraps the body limit.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_request_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+    )
+    app.add_middleware(AuthMiddleware, authenticator=authenticator, public_paths=public_paths)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

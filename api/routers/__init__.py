@@ -1,0 +1,1 @@
+"""HTTP routers: thin handlers that call api.services."""

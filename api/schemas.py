@@ -1,0 +1,152 @@
+"""Response models of the HTTP API (request bodies are core.spec.JobSpec)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.data.report import ValidationReport
+
+
+class Progress(BaseModel):
+    """Optimizer steps done and planned (total_steps is known once the run has started)."""
+
+    step: int = 0
+    total_steps: int | None = None
+
+
+class JobError(BaseModel):
+    """Why a job failed, in words a person can act on."""
+
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A job as the API shows it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "job_01jd3m5k8q9t0v1w2x3y4z5a6b",
+                    "name": "hh-minordpo",
+                    "project": "team-a",
+                    "status": "running",
+                    "cancel_requested": False,
+                    "spec": {"name": "hh-minordpo", "model": {"path": "/srv/models/tiny-llama"}},
+                    "created_at": "2026-01-01T12:00:00Z",
+                    "started_at": "2026-01-01T12:00:05Z",
+                    "finished_at": None,
+                    "progress": {"step": 40, "total_steps": 120},
+                    "metrics": {"loss": 0.61, "rewards/accuracies": 0.7},
+                    "error": None,
+                    "queue_position": None,
+                }
+            ]
+        }
+    )
+
+    id: str
+    name: str
+    project: str
+    status: str = Field(description="queued | running | succeeded | failed | cancelled")
+    cancel_requested: bool = False
+    spec: dict[str, Any] = Field(
+        description="The job spec as accepted (local paths resolved, dataset ids to files)"
+    )
+    created_at: datetime
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress
+    metrics: dict[str, Any] | None = Field(None, description="The latest reported metrics")
+    error: JobError | None = None
+    queue_position: int | None = Field(None, description="1 = next to start; only while queued")
+    attempt: int = 0
+
+
+class JobPage(BaseModel):
+    """One page of jobs, newest first; pass next_cursor as `after` for the next page."""
+
+    data: list[JobOut]
+    next_cursor: str | None = None
+
+
+class MetricSeries(BaseModel):
+    """Metric rows `{step, time, <name>: value}`; pass next_after_step as `after_step` to continue."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [
+                        {"step": 1, "time": 1767268805.1, "loss": 0.69},
+                        {"step": 2, "time": 1767268806.3, "loss": 0.66},
+                    ],
+                    "next_after_step": 2,
+                }
+            ]
+        }
+    )
+
+    data: list[dict[str, Any]]
+    next_after_step: int | None = None
+
+
+class CheckpointOut(BaseModel):
+    """A saved checkpoint (the final model is a Hugging Face folder)."""
+
+    step: int
+    path: str
+    created_at: datetime
+    metrics: dict[str, Any] | None = None
+
+
+class CheckpointList(BaseModel):
+    """Checkpoints of a job, by step."""
+
+    data: list[CheckpointOut]
+
+
+class RowProblem(BaseModel):
+    """A line of an uploaded file that cannot be used."""
+
+    line: int
+    msg: str
+    kind: str
+
+
+class UploadReport(BaseModel):
+    """What the row check of an upload found."""
+
+    rows_total: int
+    rows_valid: int
+    rows_invalid: int
+    formats: dict[str, int]
+    errors: list[RowProblem] = Field(description="The first 100 bad lines")
+    errors_truncated: bool = False
+
+
+class DatasetOut(BaseModel):
+    """An uploaded dataset; reference it from a spec as `dataset.train` / `dataset.eval`."""
+
+    id: str = Field(examples=["ds_9f86d081884c7d659a2feaa0c55ad015"])
+    filename: str
+    size: int
+    sha256: str
+    format: str
+    created_at: datetime
+    report: UploadReport | None = None
+
+
+class ValidationOut(BaseModel):
+    """Result of a dry run: the spec as it would be accepted and the dataset report."""
+
+    valid: bool
+    spec: dict[str, Any]
+    model_is_hub_id: bool = False
+    dataset: ValidationReport
+    warnings: list[str] = Field(default_factory=list)

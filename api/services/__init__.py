@@ -1,0 +1,1 @@
+"""Request-independent logic behind the routers: jobs, datasets, validation, auth, path policy."""

@@ -1,0 +1,200 @@
+"""Job use cases over core.store: create (idempotent), list, get, cancel, metrics, checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.errors import ProblemError, not_found
+from api.schemas import CheckpointList, CheckpointOut, JobError, JobOut, JobPage, MetricSeries, Progress
+from api.services.auth import Principal
+from api.services.specs import CheckedSpec, DatasetLookup
+from core.store import (
+    Database,
+    IdempotencyConflictError,
+    InvalidCursorError,
+    Job,
+    JobStatus,
+    NotFoundError,
+    cancel_job,
+    create_job,
+    get_dataset,
+    get_job,
+    list_checkpoints,
+    list_jobs,
+    metric_series,
+)
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def dataset_lookup(db: Database, principal: Principal) -> DatasetLookup:
+    """Resolve `ds_...` ids to stored files, as visible to the caller's project."""
+
+    def lookup(dataset_id: str) -> str | None:
+        with db.read() as session:
+            row = get_dataset(session, dataset_id, project=principal.scope)
+            return row.path if row is not None else None
+
+    return lookup
+
+
+def _queue_positions(session: Session, jobs: Sequence[Job]) -> dict[str, int]:
+    queued = [j for j in jobs if j.status == JobStatus.QUEUED.value]
+    if not queued:
+        return {}
+    top = max(j.seq for j in queued)
+    ranked = (
+        select(Job.seq, func.row_number().over(order_by=Job.seq).label("pos"))
+        .where(Job.status == JobStatus.QUEUED.value, Job.seq <= top)
+        .subquery()
+    )
+    wanted = {j.seq: j.id for j in queued}
+    rows = session.execute(select(ranked.c.seq, ranked.c.pos).where(ranked.c.seq.in_(list(wanted)))).all()
+    return {wanted[seq]: int(pos) for seq, pos in rows}
+
+
+def to_out(job: Job, queue_position: int | None = None) -> JobOut:
+    """The API view of a job row."""
+    error = job.error
+    return JobOut(
+        id=job.id,
+        name=job.name,
+        project=job.project,
+        status=job.status,
+        cancel_requested=bool(job.cancel_requested),
+        spec=job.spec,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        progress=Progress(step=job.step or 0, total_steps=job.total_steps),
+        metrics=job.latest_metrics,
+        error=JobError(**error) if error else None,
+        queue_position=queue_position,
+        attempt=job.attempt or 0,
+    )
+
+
+def _visible(session: Session, principal: Principal, job_id: str) -> Job:
+    job = get_job(session, job_id, project=principal.scope)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def create(
+    db: Database, principal: Principal, checked: CheckedSpec, idempotency_key: str | None
+) -> tuple[JobOut, bool]:
+    """Store a queued job; the same Idempotency-Key and body returns the first job (created=False)."""
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        raise ProblemError(
+            400,
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
+            errors=[{"loc": "header.Idempotency-Key", "msg": "bad length"}],
+        )
+    try:
+        with db.write() as session:
+            job, created = create_job(
+                session, project=principal.owner, spec=checked.resolved, idempotency_key=idempotency_key
+            )
+            position = _queue_positions(session, [job]).get(job.id)
+            out = to_out(job, position)
+    except IdempotencyConflictError as exc:
+        raise ProblemError(
+            409,
+            f"Idempotency-Key '{exc.key}' was already used with a different request body (job {exc.job_id}); "
+            "use a new key for a new job",
+        ) from exc
+    return out, created
+
+
+def list_page(
+    db: Database, principal: Principal, *, status: str | None, after: str | None, limit: int
+) -> JobPage:
+    """A page of the caller's jobs, newest first."""
+    try:
+        with db.read() as session:
+            page = list_jobs(session, project=principal.scope, status=status, limit=limit, after=after)
+            positions = _queue_positions(session, page.data)
+            return JobPage(
+                data=[to_out(j, positions.get(j.id)) for j in page.data], next_cursor=page.next_cursor
+            )
+    except InvalidCursorError as exc:
+        raise ProblemError(
+            400,
+            "The 'after' cursor is not valid: pass next_cursor from a previous page",
+            errors=[{"loc": "query.after", "msg": str(exc)}],
+        ) from exc
+
+
+def get(db: Database, principal: Principal, job_id: str) -> JobOut:
+    """One job (404 if it does not exist or belongs to another project)."""
+    with db.read() as session:
+        job = _visible(session, principal, job_id)
+        return to_out(job, _queue_positions(session, [job]).get(job.id))
+
+
+def cancel(db: Database, principal: Principal, job_id: str) -> JobOut:
+    """Request cancellation (idempotent): queued jobs are cancelled at once, running ones flagged."""
+    try:
+        with db.write() as session:
+            job, _changed = cancel_job(session, job_id, project=principal.scope)
+            return to_out(job, _queue_positions(session, [job]).get(job.id))
+    except NotFoundError as exc:
+        raise not_found("job", job_id) from exc
+
+
+def parse_names(values: Sequence[str] | None) -> list[str] | None:
+    """`names=a,b` and `names=a&names=b` both work."""
+    if not values:
+        return None
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    return names or None
+
+
+def metrics(
+    db: Database,
+    principal: Principal,
+    job_id: str,
+    *,
+    after_step: int | None,
+    names: list[str] | None,
+    max_points: int | None,
+    limit: int,
+) -> MetricSeries:
+    """A job's metric series, optionally filtered by name and downsampled (first and last kept)."""
+    with db.read() as session:
+        _visible(session, principal, job_id)
+        try:
+            series = metric_series(
+                session, job_id, after_step=after_step, names=names, max_points=max_points, limit=limit
+            )
+        except ValueError as exc:
+            loc = "query.names" if "metric name" in str(exc) else "query.max_points"
+            raise ProblemError(422, str(exc), errors=[{"loc": loc, "msg": str(exc)}]) from exc
+    data: list[dict[str, Any]] = [row.as_dict() for row in series.data]
+    return MetricSeries(data=data, next_after_step=series.next_after_step)
+
+
+def checkpoints(db: Database, principal: Principal, job_id: str) -> CheckpointList:
+    """A job's checkpoints by step."""
+    with db.read() as session:
+        _visible(session, principal, job_id)
+        rows = list_checkpoints(session, job_id)
+        return CheckpointList(
+            data=[
+                CheckpointOut(step=c.step, path=c.path, created_at=c.created_at, metrics=c.metrics)
+                for c in rows
+            ]
+        )
+
+
+def count_by_status(db: Database) -> dict[str, int]:
+    """Jobs per status over every project (the `minordpo_jobs` gauge)."""
+    with db.read() as session:
+        rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        return {status: int(count) for status, count in rows}

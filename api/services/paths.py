@@ -1,0 +1,82 @@
+"""Path policy for specs: local paths must resolve inside the allowed roots; hub ids pass only when unambiguous."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from api.errors import ProblemError
+
+# `name` or `org/name`: letters, digits, `-`, `_`, `.`; at most one slash; no `..`; no leading `.`.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+
+
+@dataclass(frozen=True)
+class ResolvedPath:
+    """A spec value after the policy: a real local path inside a root, or a hub id passed through."""
+
+    value: str
+    is_hub_id: bool = False
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """True for `org/name`-shaped values; anything with `..`, a leading `/` or `.` or `~` is a path."""
+    if not value or ".." in value or value[0] in "/.~\\" or "\\" in value:
+        return False
+    if value.lower().endswith((".json", ".jsonl", ".gz", ".parquet", ".safetensors", ".bin")):
+        return False
+    return bool(_HUB_ID.match(value))
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _refuse(field: str, value: str, msg: str) -> ProblemError:
+    return ProblemError(
+        422, f"{field}: path '{value}' {msg}", errors=[{"loc": field, "msg": f"path '{value}' {msg}"}]
+    )
+
+
+def resolve_local(
+    value: str, field: str, roots: list[Path], *, must_exist: bool = True, base: Path | None = None
+) -> Path:
+    """Resolve `value` (following every symlink) and require it to lie inside one of `roots`."""
+    if "\x00" in value:
+        raise _refuse(field, value.replace("\x00", "\\0"), "contains a NUL byte")
+    base = base or Path.cwd()
+    candidate = Path(value)
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    try:
+        real = Path(os.path.realpath(candidate, strict=False))
+    except (OSError, ValueError, RuntimeError) as exc:  # symlink loops, over-long names
+        raise _refuse(field, value, f"cannot be resolved ({exc.__class__.__name__})") from exc
+    if not _inside(real, roots):
+        shown = ", ".join(str(r) for r in roots)
+        raise _refuse(
+            field, value, f"resolves outside the allowed roots ({shown}); set MINORDPO_ALLOWED_PATHS"
+        )
+    if must_exist and not real.exists():
+        raise _refuse(field, value, "does not exist")
+    return real
+
+
+def resolve_model(value: str, field: str, roots: list[Path], *, base: Path | None = None) -> ResolvedPath:
+    """A model is a local folder inside the roots, or a hub id when it looks like one and no such local path exists."""
+    base = base or Path.cwd()
+    if looks_like_hub_id(value) and not os.path.lexists(base / value):
+        return ResolvedPath(value, is_hub_id=True)
+    real = resolve_local(value, field, roots, base=base)
+    if not real.is_dir():
+        raise _refuse(field, value, "is not a folder (a Hugging Face model folder is expected)")
+    return ResolvedPath(str(real))
+
+
+def resolve_dataset_file(
+    value: str, field: str, roots: list[Path], *, base: Path | None = None
+) -> ResolvedPath:
+    """A dataset is always local (file or load_from_disk folder) and must resolve inside the roots."""
+    return ResolvedPath(str(resolve_local(value, field, roots, base=base)))

@@ -1,0 +1,119 @@
+"""Turn a request body into a checked JobSpec: schema, remote-code policy, path policy, dataset ids."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.errors import ProblemError, pydantic_errors, summary
+from api.services.paths import ResolvedPath, resolve_dataset_file, resolve_model
+from core.settings import Settings
+from core.spec import JobSpec
+
+DATASET_ID = re.compile(r"^ds_[0-9a-f]{8,64}$")
+
+# Resolves an uploaded dataset id to its stored file, or None when unknown.
+DatasetLookup = Callable[[str], str | None]
+
+
+def parse_spec(body: Any) -> JobSpec:
+    """Validate a JSON body against JobSpec; 422 with one `{loc, msg}` per bad field."""
+    if not isinstance(body, dict):
+        raise ProblemError(
+            422,
+            "The request body must be a JSON object (a job spec)",
+            errors=[{"loc": "(body)", "msg": "not an object"}],
+        )
+    try:
+        return JobSpec.model_validate(body)
+    except ValidationError as exc:
+        errors = pydantic_errors(list(exc.errors()), skip_body=False)
+        raise ProblemError(422, summary(errors), errors=errors) from exc
+
+
+def _dataset_value(value: str, field: str, settings: Settings, lookup: DatasetLookup) -> str:
+    if DATASET_ID.match(value):
+        stored = lookup(value)
+        if stored is None:
+            raise ProblemError(
+                422,
+                f"{field}: dataset '{value}' is not an uploaded dataset",
+                errors=[{"loc": field, "msg": f"unknown dataset id '{value}'"}],
+            )
+        return stored
+    return resolve_dataset_file(value, field, settings.allowed_roots()).value
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    """A spec as given, the copy to store (local paths absolute and real, dataset ids to files), and the mapping."""
+
+    original: JobSpec
+    resolved: JobSpec
+    paths: dict[str, str]
+    model_is_hub_id: bool
+
+
+def check_spec(spec: JobSpec, settings: Settings, lookup: DatasetLookup) -> CheckedSpec:
+    """Apply the operator's policies (remote code, path roots, dataset ids); 422 naming every bad field."""
+    errors: list[dict[str, str]] = []
+    if spec.model.trust_remote_code and not settings.allow_remote_code:
+        errors.append(
+            {
+                "loc": "model.trust_remote_code",
+                "msg": "remote code is disabled on this server (the operator can set MINORDPO_ALLOW_REMOTE_CODE=true)",
+            }
+        )
+    resolved: dict[str, str] = {}
+    model = resolve_model_or_error(spec.model.path, settings, errors)
+    checks: list[tuple[str, str, Callable[[], str]]] = [
+        (
+            "dataset.train",
+            spec.dataset.train,
+            lambda: _dataset_value(spec.dataset.train, "dataset.train", settings, lookup),
+        ),
+    ]
+    if spec.dataset.eval:
+        eval_value = spec.dataset.eval
+        checks.append(
+            ("dataset.eval", eval_value, lambda: _dataset_value(eval_value, "dataset.eval", settings, lookup))
+        )
+    for field, _value, resolve in checks:
+        try:
+            resolved[field] = resolve()
+        except ProblemError as exc:
+            errors.extend(exc.errors or [{"loc": field, "msg": exc.detail}])
+    if errors:
+        detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors)
+        raise ProblemError(422, detail, errors=errors)
+    assert model is not None
+    dataset = spec.dataset.model_copy(
+        update={"train": resolved["dataset.train"], "eval": resolved.get("dataset.eval", spec.dataset.eval)}
+    )
+    resolved_spec = spec.model_copy(
+        update={"model": spec.model.model_copy(update={"path": model.value}), "dataset": dataset}
+    )
+    paths = {spec.dataset.train: resolved["dataset.train"]}
+    if spec.dataset.eval:
+        paths[spec.dataset.eval] = resolved["dataset.eval"]
+    return CheckedSpec(spec, resolved_spec, paths, model.is_hub_id)
+
+
+def resolve_model_or_error(
+    value: str, settings: Settings, errors: list[dict[str, str]]
+) -> ResolvedPath | None:
+    """resolve_model, collecting its error instead of raising."""
+    try:
+        return resolve_model(value, "model.path", settings.allowed_roots())
+    except ProblemError as exc:
+        errors.extend(exc.errors or [{"loc": "model.path", "msg": exc.detail}])
+        return None
+
+
+def spec_from_body(body: Any, settings: Settings, lookup: DatasetLookup) -> CheckedSpec:
+    """parse_spec + check_spec."""
+    return check_spec(parse_spec(body), settings, lookup)
