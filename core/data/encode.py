@@ -64,13 +64,15 @@ def truncate_ids(
     max_length: int,
     *,
     truncate_prompt: bool = True,
+    keep_first: int = 0,
 ) -> tuple[list[int], list[int], list[int], bool]:
     """Fit ``prompt + completion <= max_length`` for both completions; returns the cut lists and whether anything was cut.
 
     P = len(prompt), C = max(len(chosen), len(rejected)). Nothing is cut when P + C <= max_length.
     Otherwise the prompt keeps its last min(P, max(max_length - C, max_length // 2)) tokens (or all
     of them when ``truncate_prompt`` is False, where P >= max_length is a RowError) and each
-    completion keeps its first max_length - kept_prompt tokens.
+    completion keeps its first max_length - kept_prompt tokens. ``keep_first`` leading prompt tokens
+    (the BOS) stay in front of a cut prompt, counted within kept_prompt.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
@@ -88,7 +90,11 @@ def truncate_ids(
             )
         kept = p
     room = max_length - kept
-    return prompt[p - kept :], chosen[:room], rejected[:room], True
+    tail = kept - keep_first
+    kept_prompt = (
+        prompt[:keep_first] + prompt[p - tail :] if 0 < tail < p - keep_first else prompt[p - kept :]
+    )
+    return kept_prompt, chosen[:room], rejected[:room], True
 
 
 def encode_batch(
@@ -114,7 +120,14 @@ def encode_batch(
         raw = RawLengths(len(prompt), len(chosen), len(rejected))
         line = lines[i] if lines is not None else 0
         try:
-            p, c, r, cut = truncate_ids(prompt, chosen, rejected, max_length, truncate_prompt=truncate_prompt)
+            p, c, r, cut = truncate_ids(
+                prompt,
+                chosen,
+                rejected,
+                max_length,
+                truncate_prompt=truncate_prompt,
+                keep_first=1 if bos is not None and prompt[:1] == [bos] else 0,
+            )
         except RowError as err:
             out.append((err, raw))
             continue

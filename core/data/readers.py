@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -62,9 +63,9 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), "")
 
 
-def _parse_line(raw: bytes) -> Row | RowError:
+def _parse_line(raw: bytes, first: bool = False) -> Row | RowError:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig" if first else "utf-8")  # tolerate a byte-order mark
     except UnicodeDecodeError as exc:
         return RowError(f"invalid JSON: not valid UTF-8 at byte {exc.start}", INVALID_JSON)
     try:
@@ -79,8 +80,8 @@ def _read_jsonl(p: Path, shown: str | Path) -> Iterator[tuple[int, Row | RowErro
         with _open_binary(p) as fh:
             for lineno, raw in enumerate(fh, start=1):
                 if raw.strip():
-                    yield lineno, _parse_line(raw)
-    except (OSError, EOFError) as exc:  # gzip corruption, permission problems
+                    yield lineno, _parse_line(raw, first=lineno == 1)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip corruption, permission problems
         raise DatasetError(f"cannot read file: {exc}", path=shown) from exc
 
 
@@ -88,7 +89,7 @@ def _read_json(p: Path, shown: str | Path) -> Iterator[tuple[int, Row | RowError
     try:
         with _open_binary(p) as fh:
             raw = fh.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"cannot read file: {exc}", path=shown) from exc
     try:
         value = json.loads(raw)

@@ -77,11 +77,17 @@ def test_truncation_without_prompt_cutting() -> None:
 
 @pytest.mark.parametrize("max_length", [8, 9, 33, 64])
 @pytest.mark.parametrize(("p", "c", "r"), [(1, 1, 1), (5, 50, 3), (50, 5, 5), (70, 70, 2), (7, 2, 60)])
-def test_truncation_never_exceeds_max_length(max_length: int, p: int, c: int, r: int) -> None:
+@pytest.mark.parametrize("keep_first", [0, 1])
+def test_truncation_never_exceeds_max_length(
+    max_length: int, p: int, c: int, r: int, keep_first: int
+) -> None:
     prompt, chosen, rejected = _ids(0, p), _ids(1000, c), _ids(2000, r)
-    kp, kc, kr, cut = truncate_ids(prompt, chosen, rejected, max_length)
+    kp, kc, kr, cut = truncate_ids(prompt, chosen, rejected, max_length, keep_first=keep_first)
     assert len(kp) + len(kc) <= max_length and len(kp) + len(kr) <= max_length
-    assert kp == prompt[len(prompt) - len(kp) :] and kc == chosen[: len(kc)] and kr == rejected[: len(kr)]
+    assert len(kp) == min(p, max(max_length - max(c, r), max_length // 2))
+    body = kp[keep_first:] if len(kp) < p else kp
+    assert body == prompt[len(prompt) - len(body) :] and kc == chosen[: len(kc)] and kr == rejected[: len(kr)]
+    assert kp[:keep_first] == prompt[:keep_first]
     assert kp and kc and kr
     assert cut == (p + max(c, r) > max_length)
 
@@ -114,3 +120,17 @@ def test_encode_pair_truncates_real_text(gpt2_tokenizer: Any) -> None:
     assert gpt2_tokenizer.decode(pair.prompt_ids).endswith("\n\nAssistant:")
     assert gpt2_tokenizer.decode(pair.chosen_ids).startswith(" The Roman empire began")
     assert pair.rejected_ids[-1] == EOS  # the short completion keeps its EOS
+
+
+def test_cut_prompt_keeps_its_leading_bos(fresh_gpt2_tokenizer: Any) -> None:
+    prompt, chosen = [EOS, *_ids(100, 39)], _ids(500, 30)
+    kp, kc, _, cut = truncate_ids(prompt, chosen, [1], 32, keep_first=1)
+    assert cut and kp == [EOS, *prompt[-15:]] and kc == chosen[:16]
+    fresh_gpt2_tokenizer.bos_token = "<|endoftext|>"
+    text = PreferenceText(
+        "<|endoftext|>" + "Tell me about Rome. " * 20, " Rome was founded in 753 BC." * 4, " No."
+    )
+    pair = encode_pair(text, fresh_gpt2_tokenizer, 32)
+    assert pair.truncated and len(pair.prompt_ids) + len(pair.chosen_ids) == 32
+    assert pair.prompt_ids[0] == EOS and pair.prompt_ids.count(EOS) == 1
+    assert fresh_gpt2_tokenizer.decode(pair.prompt_ids[1:]).endswith("Tell me about Rome. ")

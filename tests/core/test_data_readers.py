@@ -44,6 +44,12 @@ def test_jsonl_gz_and_invalid_utf8(tmp_path: Path) -> None:
     assert rows[1][0] == 2 and isinstance(rows[1][1], RowError) and "UTF-8" in rows[1][1].reason
 
 
+def test_jsonl_byte_order_mark_is_tolerated(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"chosen": "a"}\n{"chosen": "b"}\n')
+    assert _rows(path) == [(1, {"chosen": "a"}), (2, {"chosen": "b"})]
+
+
 def test_json_list_and_data_object(tmp_path: Path, data_fixtures_dir: Path) -> None:
     conv = _rows(data_fixtures_dir / "conversational.json")
     assert [line for line, _ in conv] == [1, 2, 3, 4]
