@@ -101,12 +101,10 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A session for reads; rolled back and closed at the end of the block."""
+        """A session for reads; closed at the end of the block (nothing is committed; loaded
+        objects stay readable, detached)."""
         with self._read_factory() as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
+            yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:

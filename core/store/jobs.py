@@ -321,9 +321,10 @@ def claim_queued(
 ) -> list[Job]:
     """Atomically move up to `limit` of the oldest queued jobs to running for `worker_id`.
 
-    One ``UPDATE ... WHERE seq IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``: on PostgreSQL
-    concurrent claimers skip each other's rows; on SQLite the statement holds the write lock. No job
-    is claimed twice. Sets started_at, claimed_by, attempt += 1 and appends the status events. With
+    ``SELECT ... FOR UPDATE SKIP LOCKED`` then a conditional ``UPDATE ... WHERE status = 'queued'
+    RETURNING``: on PostgreSQL concurrent claimers skip each other's rows; on SQLite the write
+    transaction (``Database.write``: BEGIN IMMEDIATE) excludes other claimers, and the status guard
+    holds even without it. No job is claimed twice. Sets started_at, claimed_by, attempt += 1 and appends the status events. With
     `max_running`, claims only up to that many running jobs in total (claimers serialised by an
     advisory lock on PostgreSQL). Returns the claimed jobs, oldest first.
     """
@@ -334,16 +335,23 @@ def claim_queued(
     if limit <= 0:
         return []
     now = utcnow()
-    pick = (
-        select(Job.seq)
-        .where(Job.status == JobStatus.QUEUED.value)
-        .order_by(Job.seq)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    # Two statements, not `UPDATE ... WHERE seq IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)`:
+    # PostgreSQL may rescan that subquery after updating rows, then find further queued jobs and
+    # claim more than `limit`.
+    picked = list(
+        session.scalars(
+            select(Job.seq)
+            .where(Job.status == JobStatus.QUEUED.value)
+            .order_by(Job.seq)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
     )
+    if not picked:
+        return []
     claimed = session.scalars(
         update(Job)
-        .where(Job.seq.in_(pick), Job.status == JobStatus.QUEUED.value)
+        .where(Job.seq.in_(picked), Job.status == JobStatus.QUEUED.value)
         .values(
             status=JobStatus.RUNNING.value,
             started_at=now,
