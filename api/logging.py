@@ -78,5 +78,7 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = True, stream: A
         log = logging.getLogger(name)
         log.handlers.clear()
         log.propagate = True
-    # Our middleware writes the access line; uvicorn's own would duplicate it.
+    # Our middleware writes the access line; uvicorn's own would duplicate it. Alembic's plugin
+    # set-up chatter is not news either.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -78,6 +78,15 @@ def load_token_entries(settings: Settings) -> list[tuple[str, str]]:
     return entries
 
 
+def check_open_bind(settings: Settings, entries: list[tuple[str, str]]) -> None:
+    """Without tokens, serve only on loopback: StartupError for any other bind address."""
+    if not entries and not is_loopback(settings.host):
+        raise StartupError(
+            f"refusing to serve on {settings.host} without API tokens: set MINORDPO_API_TOKENS "
+            "(PROJECT:TOKEN,...) or MINORDPO_API_TOKENS_FILE, or bind to 127.0.0.1"
+        )
+
+
 class Authenticator:
     """Checks `Authorization: Bearer` headers against the token table (results cached for a few seconds)."""
 
@@ -90,12 +99,8 @@ class Authenticator:
     def from_settings(cls, settings: Settings, db: Database) -> Authenticator:
         """Sync the configured tokens into the database (hashed) and refuse an open server off loopback."""
         entries = load_token_entries(settings)
+        check_open_bind(settings, entries)
         if not entries:
-            if not is_loopback(settings.host):
-                raise StartupError(
-                    f"refusing to serve on {settings.host} without API tokens: set MINORDPO_API_TOKENS "
-                    "(PROJECT:TOKEN,...) or MINORDPO_API_TOKENS_FILE, or bind to 127.0.0.1"
-                )
             log.warning(
                 "no API tokens configured: the API is open to every local user on %s "
                 "(set MINORDPO_API_TOKENS to require tokens)",

@@ -1,0 +1,127 @@
+"""Fixtures for the API tests: a migrated tmp SQLite database, settings with tokens, the app and a client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from core.settings import Settings
+from core.store import Database, upgrade
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+GPT2_TOKENIZER = SHARED / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
+
+TOKENS = {"team-a": "tok-a-3f9c2e7d51", "team-b": "tok-b-8a1d4c6e02", "*": "tok-admin-77c0e1b9"}
+PAIRS = [
+    {"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.", "rejected": " No idea."}
+    for i in range(12)
+]
+
+
+def auth(project: str = "team-a") -> dict[str, str]:
+    """Authorization header for a project's token."""
+    return {"Authorization": f"Bearer {TOKENS[project]}"}
+
+
+def write_jsonl(path: Path, rows: list[Any], extra_lines: list[str] | None = None) -> Path:
+    """Write rows as JSONL (plus raw lines, e.g. broken JSON)."""
+    lines = [json.dumps(r) for r in rows] + list(extra_lines or [])
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> Path:
+    """The single allowed root of these tests (models and data live under it)."""
+    root = tmp_path / "root"
+    (root / "models" / "empty").mkdir(parents=True)
+    write_jsonl(root / "train.jsonl", PAIRS)
+    return root
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    """A fresh SQLite database migrated to head through core.store."""
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, db_url: str, roots: Path) -> Callable[..., Settings]:
+    """Settings for a test app (tokens on by default); keyword arguments override fields."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": db_url,
+            "artifacts_dir": tmp_path / "artifacts",
+            "api_tokens": ",".join(f"{p}:{t}" for p, t in TOKENS.items()),
+            "allowed_paths": f"{roots}:{tmp_path / 'artifacts'}",
+            "host": "127.0.0.1",
+            "log_json": True,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    """Default test settings: three tokens (team-a, team-b, admin)."""
+    return make_settings()
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[FastAPI]:
+    """The app under test."""
+    application = create_app(settings)
+    yield application
+    application.state.db.dispose()
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    """A TestClient (lifespan run) against the app."""
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def db(app: FastAPI) -> Database:
+    """The app's database, for arranging state (metrics, checkpoints, status changes)."""
+    return app.state.db
+
+
+@pytest.fixture
+def spec(roots: Path) -> dict[str, Any]:
+    """A minimal valid job spec whose paths lie under the allowed root."""
+    return {
+        "name": "unit-job",
+        "model": str(roots / "models" / "empty"),
+        "dataset": {"train": str(roots / "train.jsonl")},
+        "training": {"max_steps": 5, "batch_size": 2, "max_length": 64},
+    }
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding only the GPT-2 tokenizer (enough for /v1/jobs:validate)."""
+    if not GPT2_TOKENIZER.exists():
+        pytest.skip(f"shared GPT-2 tokenizer not found at {GPT2_TOKENIZER}")
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tokenizer-model")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(GPT2_TOKENIZER), eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    tok.save_pretrained(folder)
+    return folder
