@@ -59,6 +59,10 @@ class ProblemError(Exception):
 class BodyTooLarge(Exception):
     """The request body passed its size limit while being read (BodyLimitMiddleware answers 413)."""
 
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body is larger than the limit of {limit} bytes")
+        self.limit = limit
+
 
 def not_found(what: str, ident: str) -> ProblemError:
     """404 for an object that does not exist or belongs to another project."""
@@ -149,6 +153,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps body-read errors in a 400
+            return problem_response(request, 413, str(exc.__cause__), headers={"Connection": "close"})
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"No route for {request.url.path}"

@@ -157,7 +157,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -181,7 +181,7 @@ class BodyLimitMiddleware:
         response = problem_response(
             Request(scope),
             413,
-            f"Request body is larger than the limit of {limit} bytes",
+            str(BodyTooLarge(limit)),
             headers={"Connection": "close"},
         )
         await response(scope, receive, send)
