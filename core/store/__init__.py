@@ -9,6 +9,7 @@ from __future__ import annotations
 from core.store.checkpoints import add_checkpoint, delete_checkpoint, latest_checkpoint, list_checkpoints
 from core.store.datasets import get_dataset, list_datasets, register_dataset
 from core.store.db import Database, make_engine, normalize_url, sqlite_file
+from core.store.dispatch import claim_queued, set_ray_submission, update_progress
 from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError, StoreError
 from core.store.events import append_event, last_event_seq, list_events
 from core.store.jobs import (
@@ -16,7 +17,6 @@ from core.store.jobs import (
     JobError,
     JobPage,
     cancel_job,
-    claim_queued,
     count_jobs,
     create_job,
     get_job,
@@ -24,9 +24,7 @@ from core.store.jobs import (
     purge_idempotency_keys,
     queue_position,
     require_job,
-    set_ray_submission,
     transition,
-    update_progress,
 )
 from core.store.metrics import MetricRow, MetricSeries, append_metrics, metric_series
 from core.store.migrate import (
@@ -108,6 +106,7 @@ __all__ = [
     "make_engine",
     "metric_series",
     "normalize_url",
+    "open_database",
     "parse_token_entries",
     "project_for_token",
     "purge_idempotency_keys",

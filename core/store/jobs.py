@@ -1,4 +1,4 @@
-"""Job queries: idempotent create, project-scoped reads, cursor pages, guarded transitions, cancel, claim."""
+"""Job queries: idempotent create, project-scoped reads, cursor pages, guarded transitions, cancel."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,8 +28,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "running": frozenset({"succeeded", "failed", "cancelled"}),
 }
 MAX_PAGE = 1000
-# Serialises claimers that enforce `max_running` on PostgreSQL (SQLite writers are serialised anyway).
-_PG_CLAIM_LOCK = 0x6D696E6F72636C6D
 
 
 @dataclass(frozen=True)
@@ -314,96 +312,6 @@ def cancel_job(session: Session, job_id: str, *, project: str | None = None) -> 
             changed = True
     session.refresh(job)
     return job, changed
-
-
-def claim_queued(
-    session: Session, limit: int, worker_id: str, *, max_running: int | None = None
-) -> list[Job]:
-    """Atomically move up to `limit` of the oldest queued jobs to running for `worker_id`.
-
-    ``SELECT ... FOR UPDATE SKIP LOCKED`` then a conditional ``UPDATE ... WHERE status = 'queued'
-    RETURNING``: on PostgreSQL concurrent claimers skip each other's rows; on SQLite the write
-    transaction (``Database.write``: BEGIN IMMEDIATE) excludes other claimers, and the status guard
-    holds even without it. No job is claimed twice. Sets started_at, claimed_by, attempt += 1 and appends the status events. With
-    `max_running`, claims only up to that many running jobs in total (claimers serialised by an
-    advisory lock on PostgreSQL). Returns the claimed jobs, oldest first.
-    """
-    if max_running is not None:
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CLAIM_LOCK})
-        limit = min(limit, max_running - count_jobs(session, status=JobStatus.RUNNING.value))
-    if limit <= 0:
-        return []
-    now = utcnow()
-    # Two statements, not `UPDATE ... WHERE seq IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)`:
-    # PostgreSQL may rescan that subquery after updating rows, then find further queued jobs and
-    # claim more than `limit`.
-    picked = list(
-        session.scalars(
-            select(Job.seq)
-            .where(Job.status == JobStatus.QUEUED.value)
-            .order_by(Job.seq)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-    )
-    if not picked:
-        return []
-    claimed = session.scalars(
-        update(Job)
-        .where(Job.seq.in_(picked), Job.status == JobStatus.QUEUED.value)
-        .values(
-            status=JobStatus.RUNNING.value,
-            started_at=now,
-            updated_at=now,
-            heartbeat_at=now,
-            claimed_by=worker_id,
-            attempt=Job.attempt + 1,
-        )
-        .returning(Job),
-        execution_options={"synchronize_session": False, "populate_existing": True},
-    ).all()
-    jobs = sorted(claimed, key=lambda j: j.seq)
-    for job in jobs:
-        append_event(
-            session,
-            job.id,
-            "status",
-            f"queued -> running (claimed by {worker_id})",
-            {"from": "queued", "to": "running", "worker": worker_id},
-            dedup_key="status:running",
-        )
-    return jobs
-
-
-def update_progress(
-    session: Session, job_id: str, *, step: int | None = None, total_steps: int | None = None
-) -> bool:
-    """Record progress and a heartbeat for a job that is not terminal; returns whether it was updated."""
-    now = utcnow()
-    values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
-    if step is not None:
-        values["step"] = step
-    if total_steps is not None:
-        values["total_steps"] = total_steps
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.not_in(TERMINAL_STATUSES))
-        .values(**values)
-        .execution_options(synchronize_session="fetch")
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined]
-
-
-def set_ray_submission(session: Session, job_id: str, submission_id: str) -> bool:
-    """Record the Ray submission id of a job; returns whether the job exists."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(ray_submission_id=submission_id, updated_at=utcnow())
-        .execution_options(synchronize_session="fetch")
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def purge_idempotency_keys(session: Session, older_than: datetime) -> int:

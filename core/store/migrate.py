@@ -13,7 +13,7 @@ from alembic.util import CommandError
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from core.store.db import make_engine, normalize_url
+from core.store.db import Database, make_engine, normalize_url
 
 #: The repository's top-level `migrations/` folder (Alembic's script_location).
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -142,3 +142,18 @@ def ensure_schema_current(url: str | URL | Engine, auto_migrate: bool = False) -
         f"database schema is at {shown}, code expects {status.head}: run `{UPGRADE_COMMAND}` "
         "(or set MINORDPO_AUTO_MIGRATE=true)",
     )
+
+
+def open_database(url: str | URL, *, auto_migrate: bool = False) -> Database:
+    """A Database for `url` after `ensure_schema_current` (what the server and dispatcher start with).
+
+    Raises SchemaOutOfDateError with the fix-it message when the schema is behind and
+    `auto_migrate` is off.
+    """
+    database = Database(url)
+    try:
+        ensure_schema_current(database.engine, auto_migrate=auto_migrate)
+    except BaseException:
+        database.dispose()
+        raise
+    return database

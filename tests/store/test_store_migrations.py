@@ -97,3 +97,14 @@ def test_cli_db_upgrade_and_current(empty_url: str, monkeypatch: pytest.MonkeyPa
     finally:
         get_settings.cache_clear()
     assert migrate.current_revision(empty_url) == "0001"
+
+
+def test_open_database_checks_the_schema(empty_url: str) -> None:
+    with pytest.raises(migrate.SchemaOutOfDateError, match="minordpo db upgrade"):
+        migrate.open_database(empty_url)
+    database = migrate.open_database(empty_url, auto_migrate=True)
+    try:
+        with database.read() as s:
+            assert s.execute(text("SELECT count(*) FROM jobs")).scalar() == 0
+    finally:
+        database.dispose()
