@@ -35,9 +35,16 @@ def _inside(path: Path, roots: list[Path]) -> bool:
 
 
 def _refuse(field: str, value: str, msg: str) -> ProblemError:
-    return ProblemError(
-        422, f"{field}: path '{value}' {msg}", errors=[{"loc": field, "msg": f"path '{value}' {msg}"}]
-    )
+    shown = value if len(value) <= 300 else value[:300] + "..."
+    text = f"path '{shown}' {msg}"
+    return ProblemError(422, f"{field}: {text}", errors=[{"loc": field, "msg": text}])
+
+
+def _exists(path: Path, field: str, value: str, *, lexists: bool = False) -> bool:
+    try:
+        return os.path.lexists(path) if lexists else path.exists()
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES on a parent
+        raise _refuse(field, value, f"cannot be checked ({exc.strerror or exc.__class__.__name__})") from exc
 
 
 def resolve_local(
@@ -59,7 +66,7 @@ def resolve_local(
         raise _refuse(
             field, value, f"resolves outside the allowed roots ({shown}); set MINORDPO_ALLOWED_PATHS"
         )
-    if must_exist and not real.exists():
+    if must_exist and not _exists(real, field, value):
         raise _refuse(field, value, "does not exist")
     return real
 
@@ -67,10 +74,10 @@ def resolve_local(
 def resolve_model(value: str, field: str, roots: list[Path], *, base: Path | None = None) -> ResolvedPath:
     """A model is a local folder inside the roots, or a hub id when it looks like one and no such local path exists."""
     base = base or Path.cwd()
-    if looks_like_hub_id(value) and not os.path.lexists(base / value):
+    if looks_like_hub_id(value) and not _exists(base / value, field, value, lexists=True):
         return ResolvedPath(value, is_hub_id=True)
     real = resolve_local(value, field, roots, base=base)
-    if not real.is_dir():
+    if not real.is_dir():  # exists (checked above), so is_dir cannot fail on the name
         raise _refuse(field, value, "is not a folder (a Hugging Face model folder is expected)")
     return ResolvedPath(str(real))
 

@@ -130,3 +130,37 @@ def test_public_docs_setting(public_docs_client: TestClient) -> None:
     assert public_docs_client.get("/docs/assets/swagger-ui.css").status_code == 200
     assert public_docs_client.get("/v1/jobs").status_code == 401
     assert public_docs_client.get("/metrics").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"null",
+        b"[]",
+        b'"spec"',
+        b'{"name": NaN}',
+        b'{"name": "a", "model": {"path": 5}, "dataset": "x"}',
+        b'{"name": "a", "model": "' + b"x" * 5000 + b'", "dataset": {"train": "y"}}',
+        b'{"name": "a", "model": "m", "dataset": {"train": "' + b"a/" * 3000 + b'"}}',
+        b'{"name": "a", "model": "m\\u0000", "dataset": {"train": "d"}}',
+        b'{"name": "a", "model": "m", "dataset": {"train": "d", "eval": "e", "eval_fraction": 0.1}}',
+        b'{"name": "a", "model": "m", "dataset": {"train": "d"}, "loss": {"type": ["dpo"], "weights": [1, 2]}}',
+        b"\xff\xfe",
+    ],
+)
+def test_bad_input_never_500s(client: TestClient, body: bytes) -> None:
+    for route in ("/v1/jobs", "/v1/jobs:validate"):
+        r = client.post(route, content=body, headers={**auth(), "Content-Type": "application/json"})
+        assert r.status_code in (400, 422), (route, r.status_code, r.text[:300])
+        assert r.headers["content-type"] == PROBLEM and r.json()["detail"]
+
+
+def test_unexpected_errors_are_problem_500_with_request_id(app: Any, client: TestClient) -> None:
+    @app.get("/v1/boom")
+    def boom() -> None:
+        raise RuntimeError("kaboom")
+
+    r = client.get("/v1/boom", headers={**auth(), "X-Request-ID": "rid-500"})
+    assert r.status_code == 500 and r.headers["content-type"] == PROBLEM
+    assert r.headers["x-request-id"] == "rid-500" and "kaboom" not in r.text
