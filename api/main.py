@@ -16,11 +16,11 @@ from api.logging import configure_logging
 from api.metrics import ApiMetrics
 from api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from api.routers import datasets, docs, health, jobs
-from api.services.auth import Authenticator
+from api.services.auth import Authenticator, StartupError
 from api.services.jobs import count_by_status
 from api.services.validation import TokenizerCache
 from core.settings import Settings, get_settings
-from core.store import Database
+from core.store import Database, SchemaOutOfDateError, ensure_schema_current
 
 log = logging.getLogger("api")
 PUBLIC_PATHS = {"/healthz", "/readyz"}
@@ -51,13 +51,18 @@ def _database_check(db: Database) -> Callable[[], None]:
 def create_app(settings: Settings | None = None, *, database: Database | None = None) -> FastAPI:
     """Build the app. Raises api.services.auth.StartupError for a configuration that must not serve.
 
-    The database must already be at the schema head (`minordpo serve` checks that first). Extra
+    The database must be at the schema head (or MINORDPO_AUTO_MIGRATE set); `minordpo serve` also
+    creates a fresh SQLite file first. Extra
     readiness checks (e.g. Ray) go in `app.state.readiness_checks[name] = callable`; more public
     paths (e.g. a dashboard page) in `app.state.public_paths`.
     """
     settings = settings or get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json)
     db = database or Database(settings.database_url)
+    try:
+        ensure_schema_current(db.engine, settings.auto_migrate)
+    except SchemaOutOfDateError as exc:
+        raise StartupError(str(exc)) from exc
     authenticator = Authenticator.from_settings(settings, db)
 
     @asynccontextmanager

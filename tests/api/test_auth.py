@@ -166,3 +166,13 @@ def test_tokens_file_and_bad_entries(make_settings: Callable[..., Settings], tmp
     assert "secretvalue" not in str(err.value)
     with pytest.raises(StartupError, match="cannot read"):
         create_app(make_settings(api_tokens=None, api_tokens_file=tmp_path / "missing.txt"))
+
+
+def test_app_refuses_an_unmigrated_database(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    with pytest.raises(StartupError, match="minordpo db upgrade"):
+        create_app(make_settings(database_url=url))
+    app = create_app(make_settings(database_url=url, auto_migrate=True))
+    with TestClient(app) as client:
+        assert client.get("/v1/jobs", headers=auth()).status_code == 200
+    app.state.db.dispose()
