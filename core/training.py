@@ -7,7 +7,6 @@ Rank and world size come in from outside (`Distributed`); so do the model wrappe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
@@ -29,19 +28,18 @@ from core.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from core.data import EncodedPair, LengthGroupedBatches, PreparedData, ValidationReport, prepare_data
+from core.data import EncodedPair, LengthGroupedBatches, ValidationReport, prepare_data
 from core.losses import MetricSums, WeightedLoss, pair_metrics
 from core.models import (
-    adapters_disabled,
     apply_lora,
     is_peft,
     load_lora_checkpoint,
     load_model,
     load_tokenizer,
-    model_fingerprint,
 )
+from core.optim import build_optimizer, build_scheduler
 from core.packing import pack_pairs
-from core.reference import ReferenceCache, ReferenceTable, cache_key, compute_reference
+from core.reference_source import ReferenceSetup, ReferenceSource, build_reference
 from core.reporting import NullReporter, Reporter
 from core.scoring import PairScorer
 from core.spec import JobSpec
@@ -109,38 +107,6 @@ def _batch_stream(plan: LengthGroupedBatches, epoch: int, batch: int) -> Iterato
         epoch, batch = epoch + 1, 0
 
 
-def _optimizer(model: nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
-    t = spec.training
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=t.learning_rate,
-        betas=(t.adam_beta1, t.adam_beta2),
-        eps=t.adam_epsilon,
-    )
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, spec: JobSpec, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
-        spec.training.lr_scheduler
-    ]
-    return get_scheduler(
-        name, optimizer, num_warmup_steps=spec.training.warmup_steps, num_training_steps=total_steps
-    )
-
-
-def _pairs_digest(pairs: list[EncodedPair]) -> str:
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
-    return h.hexdigest()
-
-
 class Trainer:
     """One training run of a JobSpec; `run()` does everything and returns a TrainResult."""
 
@@ -183,70 +149,6 @@ class Trainer:
             spec.model, allow_remote_code=allow, device=self.device, path_override=checkpoint / "model"
         )
 
-    def _reference(self, data: PreparedData, policy: nn.Module, resumed: bool) -> ReferenceTable | None:
-        """Precomputed reference table (cached), or None when the loss needs none / the reference is live."""
-        if not self.loss_fn.needs_reference or not self.spec.training.precompute_ref_logps:
-            return None
-        pairs = data.train + data.eval
-        key = cache_key(
-            model_fingerprint(self.spec.model),
-            data.fingerprint + _pairs_digest(data.eval),
-            pairs,
-            self.spec.training.max_length,
-        )
-        cache = ReferenceCache(self.options.cache_dir or self.options.output_dir / "cache")
-        table = cache.load(key)
-        if table is not None and table.chosen.numel() == len(pairs):
-            self.reporter.event(
-                "reference", "reference log-probs reused from cache", {"key": key, "cached": True}
-            )
-            return table
-        started = time.perf_counter()
-        if resumed and not is_peft(policy):
-            ref_model = load_model(
-                self.spec.model, allow_remote_code=self.options.allow_remote_code, device=self.device
-            )
-            scorer, ctx = PairScorer(ref_model), nullcontext()
-        else:  # before any update the policy is the reference (LoRA: with adapters disabled)
-            ref_model = None
-            scorer, ctx = PairScorer(policy), adapters_disabled(policy)
-        plan = LengthGroupedBatches(
-            [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
-            self.spec.training.batch_size,
-            self.spec.training.seed,
-            shuffle=False,
-        )
-        mine = [b for k, b in enumerate(plan.epoch(0)) if k % self.dist.world_size == self.dist.rank]
-        with ctx:
-            table = compute_reference(
-                scorer,
-                pairs,
-                mine,
-                device=self.device,
-                pad_id=self.pad_id,
-                all_reduce_sum=self.dist.all_reduce_sum,
-            )
-        del ref_model
-        if self.dist.rank == 0:
-            cache.save(key, table)
-        self.reporter.event(
-            "reference",
-            f"reference log-probs computed for {len(pairs)} pairs in {time.perf_counter() - started:.1f}s",
-            {"key": key, "cached": False},
-        )
-        return table
-
-    def _live_reference(self, policy: nn.Module) -> tuple[PairScorer, Any] | None:
-        if not self.loss_fn.needs_reference or self.spec.training.precompute_ref_logps:
-            return None
-        if is_peft(policy):
-            return PairScorer(policy), lambda: adapters_disabled(policy)
-        ref = load_model(
-            self.spec.model, allow_remote_code=self.options.allow_remote_code, device=self.device
-        )
-        ref.eval().requires_grad_(False)
-        return PairScorer(ref), nullcontext
-
     # ----- the loop -------------------------------------------------------------------------
     def run(self) -> TrainResult:
         spec, t, dist = self.spec, self.spec.training, self.dist
@@ -259,22 +161,38 @@ class Trainer:
 
         checkpoint = self._resume_checkpoint()
         policy = self._load_policy(checkpoint)
-        reference = self._reference(data, policy, resumed=checkpoint is not None)
-        live = self._live_reference(policy)
+        reference = build_reference(
+            ReferenceSetup(
+                spec,
+                self.device,
+                self.pad_id,
+                self.options.cache_dir or self.options.output_dir / "cache",
+                self.options.allow_remote_code,
+                dist.rank,
+                dist.world_size,
+                dist.all_reduce_sum,
+            ),
+            data,
+            policy,
+            needs_reference=self.loss_fn.needs_reference,
+            resumed=checkpoint is not None,
+            reporter=self.reporter,
+        )
 
         scorer = PairScorer(policy)
         scorer.train()
         train_scorer = dist.wrap_model(scorer) if dist.wrap_model else scorer
-        optimizer = _optimizer(scorer, spec)
-        lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in data.train]
-        plan = LengthGroupedBatches(lengths, t.batch_size, t.seed, rank=dist.rank, world_size=dist.world_size)
+        optimizer = build_optimizer(scorer, t)
+        plan = LengthGroupedBatches(
+            [p.length for p in data.train], t.batch_size, t.seed, rank=dist.rank, world_size=dist.world_size
+        )
         if plan.num_batches() == 0:
             raise TrainingError(
                 "dataset_too_small", f"{len(data.train)} training pairs make no batch of {t.batch_size}"
             )
         steps_per_epoch = math.ceil(plan.num_batches() / t.grad_accum_steps)
         total_steps = t.max_steps or t.epochs * steps_per_epoch
-        scheduler = _scheduler(optimizer, spec, total_steps)
+        scheduler = build_scheduler(optimizer, t, total_steps)
 
         loop = LoopState()
         if checkpoint is not None:
@@ -310,7 +228,7 @@ class Trainer:
                 sync = micro == t.grad_accum_steps - 1 or not hasattr(train_scorer, "no_sync")
                 with nullcontext() if sync else train_scorer.no_sync():
                     scores = train_scorer(batch)
-                    rc, rr = self._reference_logps(batch, reference, live)
+                    rc, rr = reference.logps(batch)
                     per_pair = self.loss_fn(
                         scores.chosen_logps,
                         scores.rejected_logps,
@@ -352,13 +270,13 @@ class Trainer:
             if loop.step % t.log_every == 0 or loop.step == total_steps:
                 self.reporter.metrics(loop.step, metrics)
             if t.eval_every and data.eval and loop.step % t.eval_every == 0:
-                eval_metrics = self.evaluate(scorer, data.eval, len(data.train), reference, live)
+                eval_metrics = self.evaluate(scorer, data.eval, len(data.train), reference)
                 self.reporter.metrics(loop.step, eval_metrics)
             if t.checkpoint_every and loop.step % t.checkpoint_every == 0 and loop.step < total_steps:
                 self._checkpoint(policy, optimizer, scheduler, loop, metrics)
 
         if data.eval and status == "completed" and not (t.eval_every and loop.step % t.eval_every == 0):
-            eval_metrics = self.evaluate(scorer, data.eval, len(data.train), reference, live)
+            eval_metrics = self.evaluate(scorer, data.eval, len(data.train), reference)
             self.reporter.metrics(loop.step, eval_metrics)
         final_dir = self._save_final(policy, tokenizer) if status == "completed" else None
         if status == "cancelled":
@@ -369,24 +287,6 @@ class Trainer:
     # ----- pieces of a step -------------------------------------------------------------------
     def _all_reduce(self, tensor: Tensor) -> Tensor:
         return self.dist.all_reduce_sum(tensor) if self.dist.all_reduce_sum else tensor
-
-    def _reference_logps(
-        self,
-        batch: Any,
-        reference: ReferenceTable | None,
-        live: tuple[PairScorer, Any] | None,
-        offset: int = 0,
-    ) -> tuple[Tensor, Tensor]:
-        if reference is not None:
-            rc, rr = reference.lookup(batch.example_index.cpu() + offset)
-            return rc.to(self.device), rr.to(self.device)
-        if live is not None:
-            scorer, ctx = live
-            with torch.no_grad(), ctx():
-                s = scorer(batch)
-            return s.chosen_logps.detach(), s.rejected_logps.detach()
-        zeros = torch.zeros(batch.num_pairs, device=self.device)
-        return zeros, zeros
 
     def _pair_metrics(self, per_pair: Tensor, scores: Any, rc: Tensor, rr: Tensor) -> dict[str, Tensor]:
         return pair_metrics(
@@ -405,13 +305,11 @@ class Trainer:
         scorer: PairScorer,
         pairs: list[EncodedPair],
         offset: int,
-        reference: ReferenceTable | None,
-        live: tuple[PairScorer, Any] | None,
+        reference: ReferenceSource,
     ) -> dict[str, float]:
         """Held-out metrics (``eval/`` prefix) over this rank's share of the eval pairs, reduced over ranks."""
-        lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
         plan = LengthGroupedBatches(
-            lengths,
+            [p.length for p in pairs],
             self.spec.training.batch_size,
             0,
             rank=self.dist.rank,
@@ -424,7 +322,7 @@ class Trainer:
             for idx in plan.epoch(0):
                 batch = pack_pairs([pairs[i] for i in idx], idx, self.pad_id).to(self.device)
                 scores = scorer(batch)
-                rc, rr = self._reference_logps(batch, reference, live, offset=offset)
+                rc, rr = reference.logps(batch, offset=offset)
                 per_pair = self.loss_fn(
                     scores.chosen_logps,
                     scores.rejected_logps,

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # CI clones the repo next to shared/
+from tests.conftest import GPT2_FILE as GPT2_TOKENIZER_FILE
+from tests.conftest import REPO as REPO_ROOT
+from tests.conftest import SHARED as SHARED_DATA
+
 DATA_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "data"
-GPT2_TOKENIZER_FILE = SHARED_DATA / "tokenizers" / "gpt2" / "tokenizer.json"
-HH_TEST_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 # A minimal chat template of the usual shape (role header, content, end marker, generation prompt).
 SIMPLE_CHAT_TEMPLATE = (
