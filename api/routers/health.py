@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from api.deps import get_principal
 from api.errors import PROBLEM_JSON
 
 router = APIRouter(tags=["health"])
@@ -49,7 +50,9 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "checks": checks})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics", summary="Prometheus metrics", response_class=Response, dependencies=[Depends(get_principal)]
+)
 async def metrics(request: Request) -> Response:
     """Request counts and latency by route template, and jobs by status."""
     payload = await run_in_threadpool(request.app.state.metrics.render)
