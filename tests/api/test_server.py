@@ -123,19 +123,23 @@ def test_real_server_smoke_concurrency_and_clean_stop(
     assert '"request_id": "smoke-1"' in output and '"status": 404' in output
 
 
-def test_serve_refuses_a_stale_schema_and_open_public_bind(tmp_path: Path) -> None:
+def test_serve_refuses_a_stale_schema_and_open_public_bind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.chdir(tmp_path)
     db = tmp_path / "var" / "server.db"
     db.parent.mkdir(parents=True)
     db.touch()  # exists, but was never migrated
     env = serve_env(tmp_path)
-    proc = run_serve(env, tmp_path)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 2, output
-    assert "minordpo db upgrade" in output
+    result = CliRunner().invoke(app, ["serve"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "minordpo db upgrade" in result.output
 
-    env = serve_env(tmp_path, MINORDPO_HOST="0.0.0.0")
-    env.pop("MINORDPO_API_TOKENS")
-    proc = run_serve(env, tmp_path)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 2, output
-    assert "refusing to serve on 0.0.0.0 without API tokens" in output
+    env = serve_env(tmp_path, MINORDPO_HOST="0.0.0.0", MINORDPO_API_TOKENS="")
+    result = CliRunner().invoke(app, ["serve"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "refusing to serve on 0.0.0.0 without API tokens" in result.output
