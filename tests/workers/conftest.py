@@ -1,0 +1,49 @@
+"""Fixtures for the Ray tests: one real local Ray cluster per test module, and a tiny job spec factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.spec import JobSpec
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    """A 2-CPU local Ray cluster, started through the adapter and shut down after the module."""
+    from workers import ray_cluster
+
+    info = ray_cluster.start_local(num_cpus=2)
+    try:
+        yield info
+    finally:
+        ray_cluster.shutdown()
+
+
+@pytest.fixture
+def job_spec(tiny_model_dir: Path, learnable_pairs_file: Path) -> Callable[..., JobSpec]:
+    """A tiny 2-worker job on the learnable pairs; keyword overrides go into the `training` section."""
+
+    def make(dataset: str | None = None, *, max_retries: int = 1, **training: Any) -> JobSpec:
+        return JobSpec.model_validate(
+            {
+                "name": "ray-test",
+                "model": str(tiny_model_dir),
+                "dataset": {"train": dataset or str(learnable_pairs_file), "eval_fraction": 0.1},
+                "training": {
+                    "max_steps": 8,
+                    "batch_size": 8,
+                    "max_length": 96,
+                    "learning_rate": 1e-3,
+                    "checkpoint_every": 3,
+                    "eval_every": 4,
+                    **training,
+                },
+                "resources": {"num_workers": 2, "cpus_per_worker": 1, "max_retries": max_retries},
+            }
+        )
+
+    return make

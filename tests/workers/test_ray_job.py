@@ -1,0 +1,163 @@
+"""Real local Ray: a 2-worker job end to end, a clean failure, cooperative cancel and resume, a killed worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers import ray_cluster
+from workers.ray_job import clear_cancel, job_output_dir, request_cancel, run_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@dataclass
+class Recorder:
+    """Collects what run_job forwards; optional hooks fire on the driver thread as rows arrive."""
+
+    metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    checkpoints: list[tuple[int, str, dict[str, float]]] = field(default_factory=list)
+    on_train_step: Callable[[int], None] | None = None
+    on_first_checkpoint: Callable[[int], None] | None = None
+
+    def on_metrics(self, step: int, values: dict[str, float]) -> None:
+        self.metrics.append((step, values))
+        if self.on_train_step and "loss" in values:
+            self.on_train_step(step)
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        self.events.append((kind, message, data))
+
+    def on_checkpoint(self, step: int, path: str, values: dict[str, float]) -> None:
+        self.checkpoints.append((step, path, values))
+        if self.on_first_checkpoint and len(self.checkpoints) == 1:
+            self.on_first_checkpoint(step)
+
+    @property
+    def train_steps(self) -> list[int]:
+        return [s for s, v in self.metrics if "loss" in v]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k, _, _ in self.events]
+
+    def run(self, job_id: str, spec: Any, artifacts: Path) -> Any:
+        return run_job(
+            job_id,
+            spec,
+            artifacts_dir=artifacts,
+            on_metrics=self.on_metrics,
+            on_event=self.on_event,
+            on_checkpoint=self.on_checkpoint,
+        )
+
+
+def wait_for_cpus(expected: float, timeout: float = 20.0) -> float:
+    deadline = time.monotonic() + timeout
+    cpus = ray_cluster.available_resources().get("CPU", 0.0)
+    while cpus < expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+        cpus = ray_cluster.available_resources().get("CPU", 0.0)
+    return cpus
+
+
+def test_two_worker_job_succeeds_and_forwards_each_step_once(ray_cluster, job_spec, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    rec = Recorder()
+    outcome = rec.run("job-ok", job_spec(), tmp_path)
+
+    assert outcome.status == "succeeded", outcome
+    assert outcome.last_step == 8 and outcome.error is None
+    assert rec.train_steps == list(range(1, 9))
+    losses = [v["loss"] for _, v in rec.metrics if "loss" in v]
+    assert all(isinstance(x, float) for x in losses) and len(set(losses)) > 1
+    assert [s for s, v in rec.metrics if "eval/loss" in v] == [4, 8]
+    assert [s for s, _, _ in rec.checkpoints] == [3, 6]
+    assert all(
+        Path(p, "model").is_dir() and Path(p, "trainer_state.pt").is_file() for _, p, _ in rec.checkpoints
+    )
+    assert {"started", "completed", "final_model"} <= set(rec.kinds)
+    final = job_output_dir(tmp_path, "job-ok") / "final"
+    assert outcome.final_model_dir == final
+    assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "llama"
+    assert wait_for_cpus(2) == 2
+
+
+def test_dataset_error_reaches_the_driver_as_code_and_message(ray_cluster, job_spec, tmp_path: Path) -> None:
+    rec = Recorder()
+    missing = tmp_path / "nope.jsonl"
+    started = time.monotonic()
+    outcome = rec.run("job-bad-data", job_spec(str(missing), max_retries=1), tmp_path)
+
+    assert outcome.status == "failed"
+    assert outcome.error_code == "dataset_error", outcome
+    assert "nope.jsonl" in outcome.error_message and "Traceback" not in outcome.error_message
+    assert len(outcome.error_message) < 500
+    assert rec.train_steps == []
+    assert time.monotonic() - started < 90
+    assert wait_for_cpus(2) == 2
+
+
+def test_cancel_stops_within_seconds_frees_cpus_and_a_new_driver_resumes(
+    ray_cluster, job_spec, tmp_path: Path
+) -> None:
+    spec = job_spec(max_steps=400, checkpoint_every=50, eval_every=None)
+    asked: list[float] = []
+
+    def cancel_at(step: int) -> None:
+        if step >= 3 and not asked:
+            request_cancel(tmp_path, "job-cancel")
+            asked.append(time.monotonic())
+
+    rec = Recorder(on_train_step=cancel_at)
+    outcome = rec.run("job-cancel", spec, tmp_path)
+
+    assert outcome.status == "cancelled", outcome
+    assert time.monotonic() - asked[0] < 10
+    stopped = outcome.last_step
+    assert 3 <= stopped < 400
+    assert rec.train_steps == list(range(1, stopped + 1))
+    assert rec.checkpoints and rec.checkpoints[-1][0] == stopped
+    assert "cancelled" in rec.kinds
+    assert wait_for_cpus(2) == 2
+
+    # A new driver with the same job id and artifacts dir resumes the Ray run from its latest checkpoint.
+    clear_cancel(tmp_path, "job-cancel")
+    again = Recorder()
+    short = job_spec(max_steps=stopped + 2, checkpoint_every=50, eval_every=None)
+    resumed = again.run("job-cancel", short, tmp_path)
+    assert resumed.status == "succeeded", resumed
+    assert again.train_steps == [stopped + 1, stopped + 2]
+    assert ("resumed" in again.kinds) and wait_for_cpus(2) == 2
+
+
+def test_killed_worker_restarts_from_checkpoint_without_duplicate_steps(
+    ray_cluster, job_spec, tmp_path: Path
+) -> None:
+    from ray.util.state import list_actors
+
+    killed: list[int] = []
+
+    def kill_a_worker(step: int) -> None:
+        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        pid = max(a.pid for a in actors)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    rec = Recorder(on_first_checkpoint=kill_a_worker)
+    outcome = rec.run("job-kill", job_spec(max_steps=40, checkpoint_every=4, eval_every=None), tmp_path)
+
+    assert killed
+    assert outcome.status == "succeeded", outcome
+    assert rec.train_steps == list(range(1, 41))
+    assert "worker_error" in rec.kinds and "resumed" in rec.kinds
+    assert wait_for_cpus(2) == 2

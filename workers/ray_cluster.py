@@ -1,0 +1,155 @@
+"""The one place that starts, joins, inspects and stops a Ray cluster (everything else uses ray.train)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Environment every Ray process of ours gets (driver, Train controller, Train workers).
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: the controller polls workers this often; at the 2 s default every
+#   `ray.train.report()` stalls ~1.3 s (NOTES-RAY pitfall 1).
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: no log flood when `datasets` fingerprints inside a worker (pitfall 5).
+WORKER_ENV: dict[str, str] = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What the service needs to know about the cluster it talks to."""
+
+    address: str
+    dashboard_url: str | None
+    resources: dict[str, float]
+    started_here: bool
+
+
+def _runtime_env(extra_env: dict[str, str] | None) -> dict[str, Any]:
+    return {"env_vars": {**WORKER_ENV, **(extra_env or {})}}
+
+
+def _export_env() -> None:
+    # The local raylet and the processes it forks inherit the driver's environment, and Ray Train reads
+    # some RAY_TRAIN_* settings in the controller before runtime_env applies: set them here too.
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _info(started_here: bool, context: Any = None) -> ClusterInfo:
+    address = getattr(ray.get_runtime_context(), "gcs_address", None) or ""
+    dashboard = getattr(context, "dashboard_url", None) or None
+    return ClusterInfo(
+        address=address,
+        dashboard_url=f"http://{dashboard}" if dashboard and "://" not in dashboard else dashboard,
+        resources=cluster_resources(),
+        started_here=started_here,
+    )
+
+
+def start_local(
+    num_cpus: int | None = None,
+    *,
+    num_gpus: int | None = None,
+    dashboard_host: str = "127.0.0.1",
+    extra_env: dict[str, str] | None = None,
+) -> ClusterInfo:
+    """Start a local single-node Ray cluster owned by this process (dashboard on loopback, token auth as configured).
+
+    The dashboard (and with it the state API) must run: without it a force-cancelled Train run leaks its
+    placement group (NOTES-RAY pitfall 2). Idempotent: if Ray is already initialised here, returns its info.
+    """
+    if ray.is_initialized():
+        return _info(started_here=True)
+    _export_env()
+    context = ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=True,
+        dashboard_host=dashboard_host,
+        runtime_env=_runtime_env(extra_env),
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    return _info(started_here=True, context=context)
+
+
+def connect(address: str, *, extra_env: dict[str, str] | None = None) -> ClusterInfo:
+    """Join an existing cluster (`auto`, `host:port` of a head, or `ray://host:10001`)."""
+    if ray.is_initialized():
+        return _info(started_here=False)
+    _export_env()
+    context = ray.init(
+        address=address, runtime_env=_runtime_env(extra_env), log_to_driver=False, configure_logging=False
+    )
+    return _info(started_here=False, context=context)
+
+
+def ensure(address: str | None = None, num_cpus: int | None = None) -> ClusterInfo:
+    """Connect to `address` (or RAY_ADDRESS) when given, else start a local cluster."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return connect(address) if address else start_local(num_cpus)
+
+
+def shutdown() -> None:
+    """Disconnect (and stop the cluster when this process started it)."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def is_reachable() -> bool:
+    """True when this process is connected and the GCS answers."""
+    if not ray.is_initialized():
+        return False
+    try:
+        ray.cluster_resources()
+    except Exception:  # noqa: BLE001 - any failure means "not reachable" to a readiness probe
+        return False
+    return True
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the cluster (e.g. {"CPU": 2.0, "memory": ...})."""
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def available_resources() -> dict[str, float]:
+    """Resources not held by any task, actor or placement group right now."""
+    return {k: float(v) for k, v in ray.available_resources().items()}
+
+
+def leaked_placement_groups(keep: set[str] | None = None) -> list[str]:
+    """Ids of placement groups still holding resources, minus `keep` (the ones of runs known to be alive)."""
+    keep = keep or set()
+    table = ray.util.placement_group_table()
+    return [
+        pg_id
+        for pg_id, info in table.items()
+        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING") and pg_id not in keep
+    ]
+
+
+def remove_leaked_placement_groups(keep: set[str] | None = None) -> list[str]:
+    """Remove placement groups left behind by force-cancelled runs; call only when no other run should hold one.
+
+    With the dashboard running (start_local) Ray frees them itself within ~10 s; this is the fallback.
+    """
+    from ray.util.placement_group import PlacementGroup
+
+    removed = []
+    for pg_id in leaked_placement_groups(keep):
+        try:
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            removed.append(pg_id)
+        except Exception as exc:  # noqa: BLE001 - best effort clean-up
+            log.warning("could not remove placement group %s: %s", pg_id, exc)
+    return removed
