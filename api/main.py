@@ -15,7 +15,7 @@ from api.errors import install_error_handlers
 from api.logging import configure_logging
 from api.metrics import ApiMetrics
 from api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from api.routers import datasets, docs, health, jobs
+from api.routers import dashboard, datasets, docs, health, jobs, stream
 from api.services.auth import Authenticator, StartupError
 from api.services.jobs import count_by_status
 from api.services.validation import TokenizerCache
@@ -83,7 +83,9 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     )
     metrics = ApiMetrics()
     metrics.track_jobs(lambda: count_by_status(db))
-    public_paths = set(PUBLIC_PATHS) | (DOCS_PATHS if settings.public_docs else set())
+    public_paths = (
+        set(PUBLIC_PATHS) | dashboard.PUBLIC_PATHS | (DOCS_PATHS if settings.public_docs else set())
+    )
     state: dict[str, Any] = {
         "settings": settings,
         "db": db,
@@ -97,7 +99,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         setattr(app.state, key, value)
 
     install_error_handlers(app)
-    for module in (health, jobs, datasets, docs):
+    for module in (health, jobs, stream, datasets, docs, dashboard):
         app.include_router(module.router)
 
     # Added last = outermost: request context wraps auth, auth wraps the body limit.

@@ -125,8 +125,8 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
     def _public(self, path: str) -> bool:
-        return path in self.public_paths or any(
-            p.endswith("/") and path.startswith(p) for p in self.public_paths
+        return path in self.public_paths or any(  # "/" is public as itself only, never as a prefix
+            p.endswith("/") and p != "/" and path.startswith(p) for p in self.public_paths
         )
 
 
