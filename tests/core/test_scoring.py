@@ -27,8 +27,13 @@ def test_packed_scores_equal_separate_sequences_on_hh_pairs(tiny_model_dir):
     with torch.no_grad():
         scores = PairScorer(model)(batch)
         for i, p in enumerate(pairs):
-            assert abs(float(scores.chosen_logps[i]) - _separate_logps(model, p.prompt_ids, p.chosen_ids)) < 1e-3
-            assert abs(float(scores.rejected_logps[i]) - _separate_logps(model, p.prompt_ids, p.rejected_ids)) < 1e-3
+            assert (
+                abs(float(scores.chosen_logps[i]) - _separate_logps(model, p.prompt_ids, p.chosen_ids)) < 1e-3
+            )
+            assert (
+                abs(float(scores.rejected_logps[i]) - _separate_logps(model, p.prompt_ids, p.rejected_ids))
+                < 1e-3
+            )
 
 
 def test_packing_layout_and_mask():
@@ -43,10 +48,39 @@ def test_packing_layout_and_mask():
     # rejected positions restart right after the prompt
     assert batch.position_ids.tolist()[0][:6] == [0, 1, 2, 3, 4, 3]
     mask = batch.attention_mask(torch.float32)[0, 0] == 0  # True = may attend
-    assert mask[5].tolist() == [True, True, True, False, False, True]  # rejected sees prompt + itself, not chosen
+    assert mask[5].tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+    ]  # rejected sees prompt + itself, not chosen
     assert mask[4].tolist() == [True, True, True, True, True, False]
     # first completion token of both answers is predicted from the prompt's last position
     assert batch.source_index.tolist()[:2] == [2, 3] and batch.target_ids.tolist()[:2] == [4, 5]
     assert batch.example_index.tolist() == [5, 9]
     assert batch.chosen_lengths.tolist() == [2, 1] and batch.rejected_lengths.tolist() == [1, 3]
     assert abs(batch.padding_fraction - 1 / 12) < 1e-9
+
+
+def test_logits_metric_is_the_mean_completion_logit(tiny_model_dir):
+    """`logits/chosen` is the mean over completion positions and vocabulary (computed without a second vocab pass)."""
+
+    class P:
+        def __init__(self, p, c, r):
+            self.prompt_ids, self.chosen_ids, self.rejected_ids = p, c, r
+
+    model = load_model(str(tiny_model_dir)).eval()
+    pairs = [P([11, 12, 13, 14], [5, 6, 7], [8, 9]), P([21, 22], [30], [31, 32, 33])]
+    batch = pack_pairs(pairs, range(2))
+    with torch.no_grad():
+        scores = PairScorer(model)(batch)
+        for i, p in enumerate(pairs):
+            for completion, got in (
+                (p.chosen_ids, scores.chosen_logits_mean[i]),
+                (p.rejected_ids, scores.rejected_logits_mean[i]),
+            ):
+                logits = model(torch.tensor([p.prompt_ids + completion])).logits[0]
+                want = logits[len(p.prompt_ids) - 1 : len(p.prompt_ids) - 1 + len(completion)].mean()
+                assert abs(float(got) - float(want)) < 1e-6
