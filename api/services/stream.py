@@ -28,6 +28,7 @@ def _env_float(name: str, default: float) -> float:
 class Subscriber:
     """One viewer: batches from the feed; `overflow` set when it fell behind (it then re-reads the store)."""
 
+    feed: Feed
     queue: asyncio.Queue[list[Message] | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_BATCHES))
     overflow: bool = False
 
@@ -46,6 +47,7 @@ class Feed:
     subscribers: set[Subscriber] = field(default_factory=set)
     cursor: Cursor | None = None
     task: asyncio.Task[None] | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # set once `cursor` was read
 
 
 class StreamHub:
@@ -74,7 +76,7 @@ class StreamHub:
             feed = self.feeds[job_id] = Feed(job_id)
             feed.task = asyncio.get_running_loop().create_task(self._run(feed), name=f"sse-feed-{job_id}")
             self.feeds_started += 1
-        sub = Subscriber()
+        sub = Subscriber(feed)
         feed.subscribers.add(sub)
         return sub
 
@@ -95,8 +97,15 @@ class StreamHub:
 
     async def _run(self, feed: Feed) -> None:
         try:
-            cursor, hurry = await to_thread.run_sync(head, self.db, feed.job_id)
+            while True:
+                try:
+                    cursor, hurry = await to_thread.run_sync(head, self.db, feed.job_id)
+                    break
+                except Exception:
+                    log.exception("SSE feed of job %s could not read the store", feed.job_id)
+                    await asyncio.sleep(self.poll_interval)
             feed.cursor = cursor
+            feed.ready.set()
             while True:
                 if not hurry:
                     await asyncio.sleep(self.poll_interval)
@@ -124,12 +133,15 @@ class StreamHub:
     async def stream(self, job_id: str, cursor: Cursor, terminal: bool) -> AsyncIterator[Message | None]:
         """Messages after `cursor` until the job is terminal and all is sent; None = heartbeat due.
 
-        Subscribes first (when the job is not yet terminal), then catches up from the store, then
-        follows the shared feed, dropping what the catch-up already sent (`Cursor.takes`). A viewer
-        that fell behind the feed (queue full) catches up from the store again.
+        Subscribes first (when the job is not yet terminal) and waits until the feed has read its
+        starting point, then catches up from the store (so the catch-up reaches at least where the
+        feed starts), then follows the shared feed, dropping what the catch-up already sent
+        (`Cursor.takes`). A viewer that fell behind the feed (queue full) catches up again.
         """
         sub = None if terminal else self.subscribe(job_id)
         try:
+            if sub is not None:
+                await sub.feed.ready.wait()
             catch_up = True
             while True:
                 if catch_up or (sub is not None and sub.overflow):

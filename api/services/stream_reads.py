@@ -29,7 +29,11 @@ class Cursor:
     names: int = 0
 
     def format(self) -> str:
-        return str(self.seq) if self.step < 0 else f"{self.seq}.{self.step}.{self.names}"
+        if self.step < 0:
+            return str(self.seq)
+        return (
+            f"{self.seq}.{self.step}" if self.names >= _ALL_NAMES else f"{self.seq}.{self.step}.{self.names}"
+        )
 
     @classmethod
     def parse(cls, text: str | None) -> Cursor:
