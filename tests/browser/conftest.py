@@ -32,6 +32,15 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 TOKEN = "tok-browser-5be1c04a9d"
+SCREENSHOTS: list[Path] = []  # listed in the terminal summary (visible without -s)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name the screenshots this run wrote."""
+    if SCREENSHOTS:
+        terminalreporter.section("dashboard screenshots")
+        for path in SCREENSHOTS:
+            terminalreporter.write_line(str(path))
 
 
 def _require_chromium() -> None:
@@ -58,6 +67,7 @@ class Server:
         path = self.shots / f"{len(self.shot_paths) + 1:02d}-{name}.png"
         page.screenshot(path=str(path), full_page=True)
         self.shot_paths.append(path)
+        SCREENSHOTS.append(path)
         with (self.shots / "screenshots.txt").open("a", encoding="utf-8") as index:
             index.write(f"{path}\n")
         print(f"screenshot: {path}")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from core.store import add_checkpoint, append_event, append_metrics, create_job, transition
-from tests.browser.conftest import Console, Server, spec
+from tests.browser.conftest import TOKEN, Console, Server, spec
 
 pytestmark = pytest.mark.browser
 expect: Any = None
@@ -198,3 +198,18 @@ def test_cancel_button(server: Server, page: Any) -> None:
     expect(page.get_by_role("button", name="Cancel requested")).to_be_disabled()
     expect(page.locator("#events-log")).to_contain_text("cancellation requested")
     server.screenshot(page, "job-cancel-requested")
+
+
+def test_a_rejected_token_brings_back_the_prompt(server: Server, page: Any, console: Console) -> None:
+    console.expect_error(r"Failed to load resource: .*status of 401")  # the wrong token, on purpose
+    page.goto(f"{server.url}/#/")
+    page.evaluate("sessionStorage.setItem('minordpo.token', 'tok-wrong')")
+    page.reload()
+    panel = page.locator("#token-panel")
+    expect(panel).to_be_visible()
+    expect(page.locator("#token-reason")).to_contain_text("not accepted")
+    expect(page.get_by_label("Token", exact=True)).to_be_focused()
+    page.keyboard.type(TOKEN)
+    page.keyboard.press("Enter")
+    expect(panel).to_be_hidden()
+    expect(page.locator("#jobs-table tbody tr").first).to_be_visible()
