@@ -6,7 +6,8 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +17,11 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import event
 
+from api.main import create_app
 from api.services.stream import StreamHub
 from api.services.stream_reads import Cursor
-from core.store import Database, append_event, append_metrics, cancel_job, create_job, transition
+from core.settings import Settings
+from core.store import Database, append_event, append_metrics, cancel_job, create_job, transition, upgrade
 from tests.api.conftest import auth
 
 POLL_S = 0.05
@@ -54,9 +57,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def live(app: FastAPI) -> Iterator[Live]:
-    """The test app behind a real uvicorn (in a thread), with a fast poller and heartbeat."""
+@contextmanager
+def serving(app: FastAPI) -> Iterator[Live]:
+    """`app` behind a real uvicorn (in a thread), with a fast poller and heartbeat."""
     app.state.stream_hub = StreamHub(app.state.db, poll_interval=POLL_S, heartbeat=HEARTBEAT_S)
     port = _free_port()
     config = uvicorn.Config(
@@ -69,9 +72,37 @@ def live(app: FastAPI) -> Iterator[Live]:
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.02)
-    yield Live(f"http://127.0.0.1:{port}", app, app.state.db)
-    server.should_exit = True
-    thread.join(5)
+    try:
+        yield Live(f"http://127.0.0.1:{port}", app, app.state.db)
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+@pytest.fixture
+def live(app: FastAPI) -> Iterator[Live]:
+    """The test app (SQLite) served by uvicorn."""
+    with serving(app) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def live_any(request: pytest.FixtureRequest, make_settings: Callable[..., Settings]) -> Iterator[Live]:
+    """The app on SQLite, and on a temporary PostgreSQL database (skipped without a server)."""
+    if request.param == "sqlite":
+        app = create_app(make_settings())
+        with serving(app) as srv:
+            yield srv
+        app.state.db.dispose()
+        return
+    from tests.store.conftest import temporary_pg_database
+
+    with temporary_pg_database() as url:
+        upgrade(url)
+        app = create_app(make_settings(database_url=url))
+        with serving(app) as srv:
+            yield srv
+        app.state.db.dispose()
 
 
 def new_job(db: Database, project: str = "team-a", *, running: bool = True) -> str:
@@ -173,7 +204,8 @@ def test_history_in_order_with_increasing_ids_then_end(live: Live) -> None:
     assert [i for i, _ in resumed.messages] == ids[4:] and resumed.closed
 
 
-def test_resume_live_has_no_gaps_and_no_duplicates(live: Live) -> None:
+def test_resume_live_has_no_gaps_and_no_duplicates(live_any: Live) -> None:
+    live = live_any
     job = new_job(live.db)
     stop = threading.Event()
 
@@ -259,7 +291,8 @@ def test_auth_and_project_scope(live: Live) -> None:
     assert r.status_code == 400 and "Last-Event-ID" in r.json()["detail"]
 
 
-def test_many_viewers_share_one_poller(live: Live) -> None:
+def test_many_viewers_share_one_poller(live_any: Live) -> None:
+    live = live_any
     job = new_job(live.db)
     hub = live.hub
     statements = 0
