@@ -43,7 +43,7 @@ from core.store.models import TERMINAL_STATUSES
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=PROBLEMS)
 RETRY_MS = 2000
-HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def get_hub(request: Request) -> StreamHub:

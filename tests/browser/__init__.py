@@ -1,0 +1,1 @@
+"""Dashboard tests in headless Chromium (Debian package, never a downloaded browser)."""
