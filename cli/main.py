@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import db, serve, train
+from cli import db, dispatcher, serve, train
 
 app = typer.Typer(
     name="minordpo",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.add_typer(db.app, name="db", help="Database schema (Alembic migrations).")
 serve.register(app)
+dispatcher.register(app)
 train.register(app)
 
 if __name__ == "__main__":

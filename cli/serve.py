@@ -76,13 +76,40 @@ def register(app: typer.Typer) -> None:
         settings = Settings(**overrides)
         configure_logging(settings.log_level, json_lines=settings.log_json)
         application = build_app(settings)
+        service = start_dispatcher(settings, application) if settings.embedded_dispatcher else None
         log.info("serving on http://%s:%d", settings.host, settings.port)
-        uvicorn.run(
-            application,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=10,
-        )
+        try:
+            _run_uvicorn(uvicorn, application, settings)
+        finally:
+            if service is not None:
+                service.stop()
+
+
+def start_dispatcher(settings: Settings, application: Any = None) -> Any:
+    """Connect to Ray and start the dispatcher thread; Ray's reachability joins the readiness checks."""
+    from core.store import Database
+    from workers.ray_control import RayUnavailableError
+    from workers.service import DispatcherService
+
+    service = DispatcherService(settings, Database(settings.database_url))
+    try:
+        service.connect()
+    except RayUnavailableError as exc:
+        typer.echo(f"minordpo: cannot start Ray: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if application is not None:
+        application.state.readiness_checks["ray"] = service.ready
+    service.start()
+    return service
+
+
+def _run_uvicorn(uvicorn: Any, application: Any, settings: Settings) -> None:
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None, validation_alias=AliasChoices("RAY_ADDRESS", "MINORDPO_RAY_ADDRESS")
     )
+    embedded_dispatcher: bool = Field(True, description="Run the dispatcher inside `minordpo serve`")
+    dispatch_interval_s: float = Field(1.0, gt=0, description="Seconds between dispatcher passes")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray head (default: all)")
+    ray_state_file: Path = Field(
+        Path("var/ray-head.json"), description="Where the local Ray head is recorded"
+    )
+    stop_ray_on_exit: bool = Field(True, description="Stop the local Ray head when the server exits cleanly")
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a token")
     log_json: bool = Field(True, description="One JSON object per log line (else plain text)")
     tokenizer_cache_size: int = Field(4, ge=0, description="Tokenizers kept in memory for /v1/jobs:validate")

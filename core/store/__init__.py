@@ -9,7 +9,14 @@ from __future__ import annotations
 from core.store.checkpoints import add_checkpoint, delete_checkpoint, latest_checkpoint, list_checkpoints
 from core.store.datasets import get_dataset, list_datasets, register_dataset
 from core.store.db import Database, make_engine, normalize_url, sqlite_file
-from core.store.dispatch import claim_queued, set_ray_submission, update_progress
+from core.store.dispatch import (
+    active_jobs,
+    claim_queued,
+    oldest_queued,
+    record_attempt,
+    set_ray_submission,
+    update_progress,
+)
 from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError, StoreError
 from core.store.events import append_event, last_event_seq, list_events
 from core.store.jobs import (
@@ -58,6 +65,9 @@ from core.store.projects import (
 )
 
 __all__ = [
+    "active_jobs",
+    "oldest_queued",
+    "record_attempt",
     "ADMIN_PROJECT",
     "TERMINAL_STATUSES",
     "TRANSITIONS",

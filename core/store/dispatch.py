@@ -103,3 +103,28 @@ def set_ray_submission(session: Session, job_id: str, submission_id: str) -> boo
         .execution_options(synchronize_session="fetch")
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def oldest_queued(session: Session, limit: int = 1) -> list[Job]:
+    """The head of the dispatch queue (oldest first), without claiming anything."""
+    return list(
+        session.scalars(
+            select(Job).where(Job.status == JobStatus.QUEUED.value).order_by(Job.seq).limit(limit)
+        )
+    )
+
+
+def active_jobs(session: Session) -> list[Job]:
+    """Jobs the dispatcher watches: every running job, oldest first."""
+    return list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value).order_by(Job.seq)))
+
+
+def record_attempt(session: Session, job_id: str) -> int:
+    """Count one more attempt of a running job (a resubmission after its Ray job was lost); returns the count."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(attempt=Job.attempt + 1, updated_at=utcnow())
+        .execution_options(synchronize_session="fetch")
+    )
+    return int(session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0)

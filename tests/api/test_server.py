@@ -37,6 +37,7 @@ def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
             "MINORDPO_ALLOWED_PATHS": str(tmp_path),
             "MINORDPO_PORT": str(free_port()),
             "PYTHONPATH": str(REPO),
+            "MINORDPO_EMBEDDED_DISPATCHER": "false",  # the API alone; Ray-backed serving is tested in tests/workers
         }
     )
     env.update(extra)

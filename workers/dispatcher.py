@@ -1,0 +1,220 @@
+"""The dispatcher: queued jobs -> Ray jobs, watched until they end; reconciles with Ray after a restart.
+
+Each `tick()` (about once a second):
+1. reconcile every running job with its Ray job: still pending/running -> keep watching (and force-stop
+   it if a cancel has gone unanswered); finished without a recorded outcome -> record Ray's verdict;
+   gone (the cluster lost it) -> resubmit (Ray Train resumes from the last checkpoint of the run named
+   after the job) while attempts remain, else fail with a clear error;
+2. dispatch from the head of the queue, oldest first, while `MAX_CONCURRENT_JOBS` and the cluster's
+   CPUs allow: a job that can never fit fails at once; one that must wait stays queued (its queue
+   position is served by the API) and says so once in its events.
+The database is the source of truth; the dispatcher holds no state that a restart would lose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.settings import Settings
+from core.spec import JobSpec
+from core.store import (
+    Database,
+    Job,
+    JobError,
+    active_jobs,
+    append_event,
+    claim_queued,
+    get_job,
+    oldest_queued,
+    record_attempt,
+    set_ray_submission,
+    transition,
+)
+from workers.ray_control import FINISHED, RayJobs
+
+log = logging.getLogger("workers.dispatcher")
+CANCEL_GRACE_S = 20.0
+"""How long a running job may take to stop at a step boundary before its Ray job is stopped by force."""
+
+
+def cpus_needed(spec: JobSpec) -> float:
+    return spec.resources.num_workers * spec.resources.cpus_per_worker
+
+
+@dataclass
+class DriverEnv:
+    """What a job's driver process needs to find the database and the artifacts (absolute paths)."""
+
+    database_url: str
+    artifacts_dir: Path
+    allow_remote_code: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DriverEnv:
+        url = settings.database_url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            url = "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
+        return cls(url, settings.artifacts_dir.resolve(), settings.allow_remote_code)
+
+    def as_env(self) -> dict[str, str]:
+        return {
+            "MINORDPO_DATABASE_URL": self.database_url,
+            "MINORDPO_ARTIFACTS_DIR": str(self.artifacts_dir),
+            "MINORDPO_ALLOW_REMOTE_CODE": "true" if self.allow_remote_code else "false",
+        }
+
+
+class Dispatcher:
+    """Moves jobs from the store to Ray and keeps the two in agreement (see module docstring)."""
+
+    def __init__(
+        self,
+        db: Database,
+        ray_jobs: RayJobs,
+        *,
+        capacity_cpus: Callable[[], float],
+        max_concurrent: int,
+        driver_env: DriverEnv,
+        worker_id: str | None = None,
+    ) -> None:
+        self.db = db
+        self.ray = ray_jobs
+        self.capacity_cpus = capacity_cpus
+        self.max_concurrent = max_concurrent
+        self.driver_env = driver_env
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._cancel_seen: dict[str, float] = {}
+
+    # ----- one pass ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        with self.db.read() as s:
+            running = active_jobs(s)
+        for job in running:
+            try:
+                self._reconcile(job)
+            except Exception:  # noqa: BLE001 - one bad job must not stop the others
+                log.exception("reconciling %s failed", job.id)
+        self._dispatch()
+
+    def _submit(self, job: Job) -> None:
+        entrypoint = [sys.executable, "-m", "workers.entrypoint", job.id]
+        self.ray.submit(job.id, entrypoint, self.driver_env.as_env())
+        with self.db.write() as s:
+            set_ray_submission(s, job.id, job.id)
+            append_event(s, job.id, "submitted", f"submitted to Ray as {job.id} (attempt {job.attempt})",
+                         {"attempt": job.attempt}, dedup_key=f"submitted:{job.attempt}")  # fmt: skip
+
+    def _reconcile(self, job: Job) -> None:
+        status = self.ray.status(job.id)
+        if status is None:
+            if job.ray_submission_id is None:  # claimed, but the dispatcher stopped before submitting
+                self._submit(job)
+            else:
+                self._lost(job)
+            return
+        if status in FINISHED:
+            self._finished(job, status)
+            return
+        if job.cancel_requested:
+            first_seen = self._cancel_seen.setdefault(job.id, time.monotonic())
+            if status == "PENDING" or time.monotonic() - first_seen > CANCEL_GRACE_S:
+                log.warning("job %s has not stopped cooperatively; stopping its Ray job", job.id)
+                self.ray.stop(job.id)
+
+    def _lost(self, job: Job) -> None:
+        spec = JobSpec.model_validate(job.spec)
+        retries = spec.resources.max_retries
+        with self.db.write() as s:
+            if job.cancel_requested:
+                transition(s, job.id, "cancelled", message="cancelled (its Ray job was gone)")
+                return
+            if job.attempt > retries:
+                transition(
+                    s, job.id, "failed",
+                    error=JobError("worker_lost", f"the Ray job was lost and retries are exhausted ({retries} allowed)"),
+                )  # fmt: skip
+                return
+            attempt = record_attempt(s, job.id)
+            append_event(s, job.id, "retry", f"Ray job lost; resubmitting (attempt {attempt}) from the last checkpoint",
+                         {"attempt": attempt}, dedup_key=f"retry:{attempt}")  # fmt: skip
+        with self.db.read() as s:
+            fresh = get_job(s, job.id)
+        if fresh is not None:
+            self._submit(fresh)
+
+    def _finished(self, job: Job, status: str) -> None:
+        with self.db.read() as s:
+            fresh = get_job(s, job.id)
+        if fresh is None or fresh.is_terminal:
+            return  # the driver recorded the outcome itself, as it should
+        info = self.ray.info(job.id)
+        with self.db.write() as s:
+            if status == "STOPPED" or fresh.cancel_requested:
+                transition(s, job.id, "cancelled", message="cancelled (Ray job stopped)")
+            else:
+                detail = (info.get("message") or self.ray.logs_tail(job.id, 800)).strip()[-800:]
+                transition(
+                    s, job.id, "failed",
+                    error=JobError("driver_exited", f"the job's driver ended ({status}) without an outcome: {detail}"),
+                )  # fmt: skip
+
+    def _dispatch(self) -> None:
+        while True:
+            with self.db.read() as s:
+                head = oldest_queued(s, 1)
+                running = active_jobs(s)
+            if not head or len(running) >= self.max_concurrent:
+                return
+            job = head[0]
+            need = cpus_needed(JobSpec.model_validate(job.spec))
+            total = self.capacity_cpus()
+            if need > total:
+                with self.db.write() as s:
+                    transition(
+                        s, job.id, "failed",
+                        error=JobError("insufficient_resources",
+                                       f"the job needs {need:g} CPUs (resources.num_workers x cpus_per_worker) "
+                                       f"but the cluster has {total:g} in all"),
+                    )  # fmt: skip
+                continue
+            in_use = sum(cpus_needed(JobSpec.model_validate(j.spec)) for j in running)
+            if need > total - in_use:
+                with self.db.write() as s:
+                    append_event(s, job.id, "waiting", f"waiting for {need:g} free CPUs ({total - in_use:g} free now)",
+                                 dedup_key="waiting")  # fmt: skip
+                return
+            with self.db.write() as s:
+                claimed = claim_queued(s, 1, self.worker_id, max_running=self.max_concurrent)
+            if not claimed:
+                return
+            try:
+                self._submit(claimed[0])
+            except Exception as exc:  # noqa: BLE001 - Ray refused: keep the job honest
+                log.exception("submitting %s failed", claimed[0].id)
+                with self.db.write() as s:
+                    transition(
+                        s,
+                        claimed[0].id,
+                        "failed",
+                        error=JobError("submit_failed", f"Ray refused the job: {exc}"),
+                    )
+
+    # ----- the loop ------------------------------------------------------------------------------
+    def run(self, stop: threading.Event, interval_s: float = 1.0) -> None:
+        """Tick until `stop` is set (errors are logged, never fatal)."""
+        log.info("dispatcher %s started (max %d concurrent jobs)", self.worker_id, self.max_concurrent)
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001
+                log.exception("dispatcher tick failed")
+            stop.wait(interval_s)
+        log.info("dispatcher %s stopped", self.worker_id)

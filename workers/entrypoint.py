@@ -1,0 +1,134 @@
+"""The driver of one training job on the cluster: `python -m workers.entrypoint JOB_ID`, run by the Ray Jobs API.
+
+It reads the job from the database, runs it with Ray Train (workers.ray_job), and is the single
+writer of the job's metric points, events, checkpoints and final status. Metric rows are written as
+they arrive (idempotently: a step re-reported after a worker-group restart is not stored twice).
+A cancel requested in the database is passed to the run as a cooperative stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from core.settings import get_settings
+from core.spec import JobSpec
+from core.store import (
+    Database,
+    JobError,
+    add_checkpoint,
+    append_event,
+    append_metrics,
+    get_job,
+    transition,
+    update_progress,
+)
+
+log = logging.getLogger("workers.entrypoint")
+CANCEL_POLL_S = 1.0
+
+
+class JobWriter:
+    """Writes what a run reports into the store, one short transaction per row."""
+
+    def __init__(self, db: Database, job_id: str) -> None:
+        self.db = db
+        self.job_id = job_id
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        with self.db.write() as s:
+            append_metrics(s, self.job_id, [{"step": step, "time": time.time(), "values": values}])
+
+    def event(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        with self.db.write() as s:
+            if kind == "started" and data.get("total_steps"):
+                update_progress(s, self.job_id, total_steps=int(data["total_steps"]))
+            append_event(s, self.job_id, kind, message, data)
+
+    def checkpoint(self, step: int, path: str, values: dict[str, float]) -> None:
+        with self.db.write() as s:
+            add_checkpoint(s, self.job_id, step, path, values)
+
+
+def _watch_cancel(db: Database, job_id: str, artifacts_dir: Path, done: threading.Event) -> None:
+    from workers.ray_job import request_cancel
+
+    while not done.wait(CANCEL_POLL_S):
+        with db.read() as s:
+            job = get_job(s, job_id)
+        if job is None or job.cancel_requested:
+            request_cancel(artifacts_dir, job_id)
+            return
+
+
+def run(job_id: str) -> int:
+    """Run the job to its end and record the outcome; the exit code is 0 unless recording failed."""
+    from workers import ray_cluster
+    from workers.ray_job import run_job
+
+    settings = get_settings()
+    db = Database(settings.database_url)
+    with db.read() as s:
+        job = get_job(s, job_id)
+        if job is None:
+            log.error("job %s not found in %s", job_id, settings.database_url)
+            return 2
+        spec = JobSpec.model_validate(job.spec)
+        if job.is_terminal:
+            log.warning("job %s is already %s", job_id, job.status)
+            return 0
+    writer = JobWriter(db, job_id)
+    ray_cluster.connect("auto")
+    done = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_cancel,
+        args=(db, job_id, settings.artifacts_dir, done),
+        daemon=True,
+        name="cancel-watch",
+    )
+    watcher.start()
+    try:
+        outcome = run_job(
+            job_id,
+            spec,
+            artifacts_dir=settings.artifacts_dir,
+            on_metrics=writer.metrics,
+            on_event=writer.event,
+            on_checkpoint=writer.checkpoint,
+            allow_remote_code=settings.allow_remote_code,
+        )
+    except Exception as exc:  # noqa: BLE001 - record every failure as the job's error
+        log.exception("job %s crashed", job_id)
+        with db.write() as s:
+            transition(s, job_id, "failed", error=JobError("driver_error", f"{type(exc).__name__}: {exc}"))
+        return 0
+    finally:
+        done.set()
+    with db.write() as s:
+        if outcome.final_model_dir is not None:
+            append_event(
+                s, job_id, "final_model", f"final model at {outcome.final_model_dir}",
+                {"path": str(outcome.final_model_dir)}, dedup_key="final_model",
+            )  # fmt: skip
+        error = JobError(outcome.error_code, outcome.error_message or "") if outcome.error_code else None
+        transition(
+            s, job_id, outcome.status, error=error, message=f"{outcome.status} at step {outcome.last_step}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m workers.entrypoint JOB_ID", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return run(args[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

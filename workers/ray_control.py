@@ -1,0 +1,187 @@
+"""Ray's control plane for the service: our own local head process and the Ray Jobs API (one job per training job).
+
+Local head: `ray start --head --block` as a child in its own session, bound to 127.0.0.1 (GCS,
+dashboard and job server), with token auth as Ray configures it. It outlives a `kill -9` of the
+server, so running jobs keep going; the restarted server finds it through a state file and reuses
+it. A clean shutdown sends SIGTERM, and `--block` makes Ray stop every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # our clients send the cluster token; the head enforces it
+
+RAY_WORKER_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # report() stalls ~1.3 s per call otherwise (NOTES-RAY)
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+FINISHED = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class RayUnavailableError(RuntimeError):
+    """Ray could not be started or reached; the message says what was tried."""
+
+
+@dataclass
+class LocalHead:
+    """Where our local head listens, and the `ray start --block` process that owns it."""
+
+    gcs_address: str
+    dashboard_url: str
+    pid: int
+    num_cpus: int
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except OSError:
+            return False
+        return jobs_api_reachable(self.dashboard_url)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def jobs_api_reachable(dashboard_url: str) -> bool:
+    """Whether the Ray Jobs API answers at `dashboard_url` (the client sends Ray's auth token)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(dashboard_url)
+    except Exception:  # noqa: BLE001 - refused, timed out, not yet serving, auth not ready: all "not reachable"
+        return False
+    return True
+
+
+def start_local_head(state_file: Path, *, num_cpus: int | None = None, timeout_s: float = 180.0) -> LocalHead:
+    """Reuse the head recorded in `state_file` if it still answers, else start one and record it."""
+    if state_file.exists():
+        head = LocalHead(**json.loads(state_file.read_text(encoding="utf-8")))
+        if head.alive():
+            return head
+    cpus = num_cpus or os.cpu_count() or 1
+    gcs_port, dash_port = _free_port(), _free_port()
+    log_path = state_file.with_suffix(".log")
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [
+        ray_bin, "start", "--head", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+        f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        "--include-dashboard=true", "--disable-usage-stats",
+    ]  # fmt: skip
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **RAY_WORKER_ENV, "RAY_AUTH_MODE": "token"},
+            start_new_session=True,
+        )
+    head = LocalHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", proc.pid, cpus)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RayUnavailableError(f"`ray start` exited with {proc.returncode}; see {log_path}")
+        if jobs_api_reachable(head.dashboard_url):
+            state_file.write_text(json.dumps(asdict(head)), encoding="utf-8")
+            return head
+        time.sleep(0.5)
+    stop_local_head(head, state_file)
+    raise RayUnavailableError(f"local Ray head did not answer within {timeout_s:.0f}s; see {log_path}")
+
+
+def stop_local_head(head: LocalHead, state_file: Path | None = None, timeout_s: float = 30.0) -> None:
+    """SIGTERM the `ray start --block` process (it stops the whole head) and forget the state file."""
+    try:
+        os.kill(head.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            os.kill(head.pid, 0)
+            time.sleep(0.2)
+            try:  # reap it when it is our child
+                if os.waitpid(head.pid, os.WNOHANG)[0] == head.pid:
+                    break
+            except ChildProcessError:
+                pass
+    except (ProcessLookupError, PermissionError):
+        pass
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
+
+
+class RayJobs:
+    """The Ray Jobs API: submit, observe and stop driver processes on the cluster."""
+
+    def __init__(self, address: str) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = address
+        self._client = JobSubmissionClient(address)
+
+    def submit(self, submission_id: str, entrypoint: list[str], env: dict[str, str]) -> None:
+        """Start `entrypoint` as a Ray job named `submission_id` (it asks for no CPU of its own)."""
+        import shlex
+
+        self._client.submit_job(
+            entrypoint=shlex.join(entrypoint),
+            submission_id=submission_id,
+            # only our own variables: the driver's ray.init (workers.ray_cluster) adds RAY_WORKER_ENV for its
+            # actors, and Ray refuses a job whose runtime_env repeats keys of the driver's
+            runtime_env={"env_vars": env},
+            entrypoint_num_cpus=0,
+            metadata={"minordpo_job": submission_id},
+        )
+
+    def status(self, submission_id: str) -> str | None:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED; None when the cluster has no such job."""
+        try:
+            return str(self._client.get_job_status(submission_id).value)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc):
+                return None
+            raise
+
+    def info(self, submission_id: str) -> dict[str, Any]:
+        details = self._client.get_job_info(submission_id)
+        return {"message": details.message or "", "error_type": details.error_type}
+
+    def logs_tail(self, submission_id: str, chars: int = 2000) -> str:
+        try:
+            return self._client.get_job_logs(submission_id)[-chars:]
+        except RuntimeError:
+            return ""
+
+    def stop(self, submission_id: str) -> bool:
+        """Ask Ray to stop the job's driver (SIGTERM, then SIGKILL); returns whether it was running."""
+        try:
+            return bool(self._client.stop_job(submission_id))
+        except RuntimeError:
+            return False
+
+
+def cluster_cpus(client: RayJobs) -> float:
+    """Total CPUs the cluster's nodes offer (Ray's cluster-status endpoint, through the authenticated client)."""
+    resp = client._client._do_request("GET", "/api/cluster_status")
+    if resp.status_code != 200:
+        raise RayUnavailableError(f"cluster status answered {resp.status_code} at {client.address}")
+    usage = resp.json()["data"]["clusterStatus"].get("loadMetricsReport", {}).get("usage", {}) or {}
+    cpu = usage.get("CPU")
+    if isinstance(cpu, list) and len(cpu) == 2:
+        return float(cpu[1])
+    raise RayUnavailableError(f"cannot read the cluster's CPUs at {client.address}")

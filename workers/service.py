@@ -1,0 +1,98 @@
+"""The dispatcher as a service: connect to Ray (our local head, or RAY_ADDRESS), run the loop on a thread, stop cleanly."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from core.settings import Settings
+from core.store import Database
+from workers.dispatcher import Dispatcher, DriverEnv
+from workers.ray_control import (
+    LocalHead,
+    RayJobs,
+    RayUnavailableError,
+    cluster_cpus,
+    jobs_api_reachable,
+    start_local_head,
+    stop_local_head,
+)
+
+log = logging.getLogger("workers.service")
+
+
+class DispatcherService:
+    """Owns the Ray connection and the dispatcher thread of one process (`serve` or `dispatcher`)."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self.head: LocalHead | None = None
+        self.ray_jobs: RayJobs | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _capacity(self) -> Callable[[], float]:
+        if self.head is not None:
+            cpus = float(self.head.num_cpus)
+            return lambda: cpus
+        jobs = self.ray_jobs
+        assert jobs is not None
+        cached: dict[str, float] = {}
+
+        def remote_cpus() -> float:
+            if "cpus" not in cached or time.monotonic() - cached["at"] > 30:
+                cached.update(cpus=cluster_cpus(jobs), at=time.monotonic())
+            return cached["cpus"]
+
+        return remote_cpus
+
+    def connect(self) -> None:
+        """Start (or reuse) the local head, or reach RAY_ADDRESS's Jobs API."""
+        if self.settings.ray_address:
+            address = self.settings.ray_address
+            log.info("using the Ray cluster at %s", address)
+        else:
+            self.head = start_local_head(self.settings.ray_state_file, num_cpus=self.settings.ray_num_cpus)
+            address = self.head.dashboard_url
+            log.info(
+                "local Ray head %s (%d CPUs), dashboard on loopback",
+                self.head.gcs_address,
+                self.head.num_cpus,
+            )
+        self.ray_jobs = RayJobs(address)
+
+    def ready(self) -> None:
+        """Readiness check: raises when Ray's Jobs API does not answer."""
+        if self.ray_jobs is None or not jobs_api_reachable(self.ray_jobs.address):
+            raise RayUnavailableError("Ray is not reachable")
+
+    def start(self) -> None:
+        if self.ray_jobs is None:
+            self.connect()
+        assert self.ray_jobs is not None
+        dispatcher = Dispatcher(
+            self.db,
+            self.ray_jobs,
+            capacity_cpus=self._capacity(),
+            max_concurrent=self.settings.max_concurrent_jobs,
+            driver_env=DriverEnv.from_settings(self.settings),
+        )
+        self._thread = threading.Thread(
+            target=dispatcher.run,
+            args=(self._stop, self.settings.dispatch_interval_s),
+            name="dispatcher",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop; stop our local head too when configured (running jobs resume from checkpoints later)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.head is not None and self.settings.stop_ray_on_exit:
+            log.info("stopping the local Ray head")
+            stop_local_head(self.head, self.settings.ray_state_file)
