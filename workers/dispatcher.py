@@ -43,6 +43,8 @@ from workers.ray_control import FINISHED, RayJobs
 log = logging.getLogger("workers.dispatcher")
 CANCEL_GRACE_S = 20.0
 """How long a running job may take to stop at a step boundary before its Ray job is stopped by force."""
+SUBMIT_PATIENCE_S = 60.0
+"""How long Ray may refuse a submission (e.g. its job agent still starting) before the job fails."""
 
 
 def cpus_needed(spec: JobSpec) -> float:
@@ -92,6 +94,7 @@ class Dispatcher:
         self.driver_env = driver_env
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._cancel_seen: dict[str, float] = {}
+        self._submit_failures: dict[str, float] = {}
 
     # ----- one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -115,8 +118,8 @@ class Dispatcher:
     def _reconcile(self, job: Job) -> None:
         status = self.ray.status(job.id)
         if status is None:
-            if job.ray_submission_id is None:  # claimed, but the dispatcher stopped before submitting
-                self._submit(job)
+            if job.ray_submission_id is None:  # claimed, not yet accepted by Ray (refused, or we stopped)
+                self._try_submit(job)
             else:
                 self._lost(job)
             return
@@ -195,17 +198,23 @@ class Dispatcher:
                 claimed = claim_queued(s, 1, self.worker_id, max_running=self.max_concurrent)
             if not claimed:
                 return
-            try:
-                self._submit(claimed[0])
-            except Exception as exc:  # noqa: BLE001 - Ray refused: keep the job honest
-                log.exception("submitting %s failed", claimed[0].id)
-                with self.db.write() as s:
-                    transition(
-                        s,
-                        claimed[0].id,
-                        "failed",
-                        error=JobError("submit_failed", f"Ray refused the job: {exc}"),
-                    )
+            self._try_submit(claimed[0])
+
+    def _try_submit(self, job: Job) -> None:
+        """Submit; a refusal (e.g. the job agent still starting) is retried by reconcile until SUBMIT_PATIENCE_S."""
+        try:
+            self._submit(job)
+            self._submit_failures.pop(job.id, None)
+        except Exception as exc:  # noqa: BLE001 - Ray refused or was unreachable
+            first = self._submit_failures.setdefault(job.id, time.monotonic())
+            if time.monotonic() - first < SUBMIT_PATIENCE_S:
+                log.warning("submitting %s failed, will retry: %s", job.id, exc)
+                return
+            self._submit_failures.pop(job.id, None)
+            with self.db.write() as s:
+                transition(
+                    s, job.id, "failed", error=JobError("submit_failed", f"Ray refused the job: {exc}")
+                )
 
     # ----- the loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event, interval_s: float = 1.0) -> None:

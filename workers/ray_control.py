@@ -84,6 +84,11 @@ def start_local_head(state_file: Path, *, num_cpus: int | None = None, timeout_s
         ray_bin, "start", "--head", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
         f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
         "--include-dashboard=true", "--disable-usage-stats",
+        # every other listener on a free port too, so this head coexists with other Ray clusters on the machine
+        *(f"--{name}={_free_port()}" for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+        )),
     ]  # fmt: skip
     with log_path.open("ab") as log:
         proc = subprocess.Popen(

@@ -1,0 +1,196 @@
+"""The service end to end on a real local Ray: POST over HTTP -> dispatcher -> Ray job -> 2 Ray Train workers.
+
+One `minordpo serve` process per module (its own Ray head, SQLite, MAX_CONCURRENT_JOBS=1); the
+kill test restarts it. Jobs are tiny (a ~0.8M-parameter model, a few steps) so the module stays short.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, SHARED
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A `minordpo serve` subprocess that can be killed and started again on the same state."""
+
+    def __init__(self, root: Path, model_dir: Path, data_file: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
+        self.env.update(
+            MINORDPO_DATABASE_URL=f"sqlite:///{root / 'var' / 'db.sqlite'}",
+            MINORDPO_ARTIFACTS_DIR=str(root / "var" / "artifacts"),
+            MINORDPO_ALLOWED_PATHS=os.pathsep.join(
+                [str(root), str(model_dir), str(data_file.parent), str(SHARED)]
+            ),
+            MINORDPO_PORT=str(self.port),
+            MINORDPO_RAY_STATE_FILE=str(root / "var" / "ray-head.json"),
+            MINORDPO_RAY_NUM_CPUS="2",
+            MINORDPO_MAX_CONCURRENT_JOBS="1",
+            MINORDPO_DISPATCH_INTERVAL_S="0.5",
+            PYTHONPATH=str(REPO),
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.root / "serve.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve"], cwd=self.root, env=self.env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError("server not ready: " + (self.root / "serve.log").read_text()[-3000:])
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(90)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, learnable_pairs_file: Path
+) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("service"), tiny_model_dir, learnable_pairs_file)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def job_body(model: Path, data: Path, *, steps: int = 6, **resources: Any) -> dict[str, Any]:
+    return {
+        "name": "e2e",
+        "model": str(model),
+        "dataset": {"train": str(data), "max_rows": 64},
+        "loss": {"type": "minor_dpo", "beta": 0.1},
+        "training": {
+            "max_steps": steps,
+            "batch_size": 4,
+            "max_length": 128,
+            "learning_rate": 1e-3,
+            "checkpoint_every": 3,
+        },
+        "resources": {"num_workers": 2, "cpus_per_worker": 1, **resources},
+    }
+
+
+def submit(server: Server, body: dict[str, Any]) -> str:
+    resp = httpx.post(f"{server.url}/v1/jobs", json=body, timeout=30)
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+def get(server: Server, job_id: str) -> dict[str, Any]:
+    return httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=10).json()
+
+
+def wait_for(server: Server, job_id: str, pred: Any, timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = get(server, job_id)
+        if pred(job):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; job is {job}")
+
+
+def metric_steps(server: Server, job_id: str) -> list[int]:
+    rows = httpx.get(f"{server.url}/v1/jobs/{job_id}/metrics", params={"names": "loss"}, timeout=10).json()[
+        "data"
+    ]
+    return [r["step"] for r in rows if r.get("loss") is not None]
+
+
+def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_file):
+    from transformers import AutoModelForCausalLM
+
+    job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file))
+    job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["progress"] == {"step": 6, "total_steps": 6}
+    assert metric_steps(server, job_id) == [1, 2, 3, 4, 5, 6]
+    ckpts = httpx.get(f"{server.url}/v1/jobs/{job_id}/checkpoints", timeout=10).json()["data"]
+    assert [c["step"] for c in ckpts] == [3]
+    final = server.root / "var" / "artifacts" / "jobs" / job_id / "final"
+    assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "llama"
+
+
+def test_second_job_waits_in_queue_then_runs(server, tiny_model_dir, learnable_pairs_file):
+    first = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=10))
+    second = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=4))
+    wait_for(server, first, lambda j: j["status"] == "running")
+    waiting = get(server, second)
+    assert waiting["status"] == "queued" and waiting["queue_position"] == 1
+    done_first = wait_for(server, first, lambda j: j["status"] in TERMINAL)
+    done_second = wait_for(server, second, lambda j: j["status"] in TERMINAL)
+    assert done_first["status"] == done_second["status"] == "succeeded"
+    assert done_second["started_at"] >= done_first["finished_at"]  # one after the other
+
+
+def test_cancel_mid_run_stops_within_seconds(server, tiny_model_dir, learnable_pairs_file):
+    job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=400))
+    wait_for(server, job_id, lambda j: (j["progress"]["step"] or 0) >= 2)
+    asked = time.monotonic()
+    assert httpx.post(f"{server.url}/v1/jobs/{job_id}/cancel", timeout=10).status_code in (200, 202)
+    job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL, timeout=60)
+    assert job["status"] == "cancelled"
+    assert time.monotonic() - asked < 30
+    assert job["progress"]["step"] < 400
+    # the resources went back: the next job runs
+    nxt = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=2))
+    assert wait_for(server, nxt, lambda j: j["status"] in TERMINAL)["status"] == "succeeded"
+
+
+def test_resources_the_cluster_cannot_provide_fail_at_once(server, tiny_model_dir, learnable_pairs_file):
+    job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file, num_workers=4))
+    job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL, timeout=20)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "insufficient_resources"
+    assert "4 CPUs" in job["error"]["message"] and "2 in all" in job["error"]["message"]
+
+
+def test_server_kill9_mid_run_job_completes_once(server, tiny_model_dir, learnable_pairs_file):
+    job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=30))
+    wait_for(server, job_id, lambda j: (j["progress"]["step"] or 0) >= 3)
+    server.kill9()
+    time.sleep(2)
+    server.start()  # finds the same Ray head and keeps watching the job
+    job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    assert metric_steps(server, job_id) == list(range(1, 31))
