@@ -46,7 +46,7 @@ def _export_env() -> None:
 
 
 def _info(started_here: bool, context: Any = None) -> ClusterInfo:
-    address = getattr(ray.get_runtime_context(), "gcs_address", None) or ""
+    address = current_address()
     dashboard = getattr(context, "dashboard_url", None) or None
     return ClusterInfo(
         address=address,
@@ -72,6 +72,7 @@ def start_local(
         return _info(started_here=True)
     _export_env()
     context = ray.init(
+        address="local",  # a fresh cluster even if another one (e.g. `ray start`) runs on this machine
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=True,
@@ -125,6 +126,27 @@ def cluster_resources() -> dict[str, float]:
 def available_resources() -> dict[str, float]:
     """Resources not held by any task, actor or placement group right now."""
     return {k: float(v) for k, v in ray.available_resources().items()}
+
+
+def current_address() -> str:
+    """GCS address of the cluster this process is connected to (what the state API needs)."""
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def train_worker_pids() -> list[int]:
+    """Process ids of the live Ray Train worker actors of this cluster (diagnostics, fault-injection tests).
+
+    The state API is asked at this cluster's address explicitly: without it, it picks the most recently
+    started cluster on the machine, which may be someone else's.
+    """
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=current_address(),
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
+    )
+    return sorted(int(a.pid) for a in actors if a.pid)
 
 
 def leaked_placement_groups(keep: set[str] | None = None) -> list[str]:

@@ -57,6 +57,19 @@ class JobChannel:
         return self._fatal
 
 
+# Measured per rank, so they legitimately differ; every other reported value is reduced over ranks.
+LOCAL_METRICS = frozenset({"step_time", "pairs_per_second"})
+
+
+def _rank_differences(metrics: list[dict[str, Any]]) -> list[str]:
+    """Keys whose value on some rank differs from rank 0's (the loop reports identical, reduced values)."""
+    if len(metrics) < 2:
+        return []
+    first = metrics[0]
+    keys = set().union(*metrics) - LOCAL_METRICS
+    return sorted(k for k in keys if any(m.get(k) != first.get(k) for m in metrics[1:]))
+
+
 class ForwardingCallback(UserCallback):
     """Runs in the TrainController: forwards rank 0's reported row (and persisted checkpoint) to the channel."""
 
@@ -71,6 +84,12 @@ class ForwardingCallback(UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         row = dict(metrics[0]) if metrics else {}
+        differing = _rank_differences(metrics)
+        if differing:
+            message = f"ranks reported different values for {', '.join(differing)} at step {row.get('step')}"
+            self._put(
+                {"type": "event", "kind": "rank_mismatch", "message": message, "data": {"keys": differing}}
+            )
         step = int(row.pop("step", -1))
         if checkpoint is not None:
             self._put({"type": "checkpoint", "step": step, "path": str(checkpoint.path), "values": row})

@@ -12,7 +12,7 @@ from core.spec import JobSpec
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[Any]:
+def local_ray() -> Iterator[Any]:
     """A 2-CPU local Ray cluster, started through the adapter and shut down after the module."""
     from workers import ray_cluster
 
@@ -32,7 +32,11 @@ def job_spec(tiny_model_dir: Path, learnable_pairs_file: Path) -> Callable[..., 
             {
                 "name": "ray-test",
                 "model": str(tiny_model_dir),
-                "dataset": {"train": dataset or str(learnable_pairs_file), "eval_fraction": 0.1},
+                "dataset": {
+                    "train": dataset or str(learnable_pairs_file),
+                    "eval_fraction": 0.1,
+                    "max_rows": 96,
+                },
                 "training": {
                     "max_steps": 8,
                     "batch_size": 8,

@@ -69,7 +69,7 @@ def wait_for_cpus(expected: float, timeout: float = 20.0) -> float:
     return cpus
 
 
-def test_two_worker_job_succeeds_and_forwards_each_step_once(ray_cluster, job_spec, tmp_path: Path) -> None:
+def test_two_worker_job_succeeds_and_forwards_each_step_once(local_ray, job_spec, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     rec = Recorder()
@@ -86,13 +86,14 @@ def test_two_worker_job_succeeds_and_forwards_each_step_once(ray_cluster, job_sp
         Path(p, "model").is_dir() and Path(p, "trainer_state.pt").is_file() for _, p, _ in rec.checkpoints
     )
     assert {"started", "completed", "final_model"} <= set(rec.kinds)
+    assert "rank_mismatch" not in rec.kinds  # every rank reported the same reduced values
     final = job_output_dir(tmp_path, "job-ok") / "final"
     assert outcome.final_model_dir == final
     assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "llama"
     assert wait_for_cpus(2) == 2
 
 
-def test_dataset_error_reaches_the_driver_as_code_and_message(ray_cluster, job_spec, tmp_path: Path) -> None:
+def test_dataset_error_reaches_the_driver_as_code_and_message(local_ray, job_spec, tmp_path: Path) -> None:
     rec = Recorder()
     missing = tmp_path / "nope.jsonl"
     started = time.monotonic()
@@ -108,7 +109,7 @@ def test_dataset_error_reaches_the_driver_as_code_and_message(ray_cluster, job_s
 
 
 def test_cancel_stops_within_seconds_frees_cpus_and_a_new_driver_resumes(
-    ray_cluster, job_spec, tmp_path: Path
+    local_ray, job_spec, tmp_path: Path
 ) -> None:
     spec = job_spec(max_steps=400, checkpoint_every=50, eval_every=None)
     asked: list[float] = []
@@ -141,23 +142,20 @@ def test_cancel_stops_within_seconds_frees_cpus_and_a_new_driver_resumes(
 
 
 def test_killed_worker_restarts_from_checkpoint_without_duplicate_steps(
-    ray_cluster, job_spec, tmp_path: Path
+    local_ray, job_spec, tmp_path: Path
 ) -> None:
-    from ray.util.state import list_actors
-
     killed: list[int] = []
 
     def kill_a_worker(step: int) -> None:
-        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        pid = max(a.pid for a in actors)
+        pid = ray_cluster.train_worker_pids()[-1]
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
     rec = Recorder(on_first_checkpoint=kill_a_worker)
-    outcome = rec.run("job-kill", job_spec(max_steps=40, checkpoint_every=4, eval_every=None), tmp_path)
+    outcome = rec.run("job-kill", job_spec(max_steps=20, checkpoint_every=4, eval_every=None), tmp_path)
 
     assert killed
     assert outcome.status == "succeeded", outcome
-    assert rec.train_steps == list(range(1, 41))
+    assert rec.train_steps == list(range(1, 21))
     assert "worker_error" in rec.kinds and "resumed" in rec.kinds
     assert wait_for_cpus(2) == 2
