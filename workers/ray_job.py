@@ -177,10 +177,16 @@ def _failure(exc: BaseException, fatal: dict[str, Any] | None, retries: int) -> 
 class _Forwarder:
     """Applies channel items to the on_* callables, dropping metric rows replayed after a resume."""
 
-    def __init__(self, on_metrics: OnMetrics, on_event: OnEvent, on_checkpoint: OnCheckpoint) -> None:
+    def __init__(
+        self,
+        on_metrics: OnMetrics,
+        on_event: OnEvent,
+        on_checkpoint: OnCheckpoint,
+        skip_through_step: int = 0,
+    ) -> None:
         self.on_metrics, self.on_event, self.on_checkpoint = on_metrics, on_event, on_checkpoint
-        self.last_step: dict[str, int] = {}
-        self.last_checkpoint_step = -1
+        self.last_step: dict[str, int] = {"train": skip_through_step, "eval": skip_through_step}
+        self.last_checkpoint_step = skip_through_step - 1
         self.latest_checkpoint: str | None = None
         self.max_step = 0
 
@@ -244,15 +250,17 @@ def run_job(
     on_event: OnEvent,
     on_checkpoint: OnCheckpoint,
     allow_remote_code: bool = False,
+    skip_through_step: int = 0,
 ) -> JobOutcome:
     """Run one job to its end on the connected Ray cluster; blocks, calling on_* on this thread as rows arrive.
 
     Resumes from the latest checkpoint of an earlier run with the same job_id and artifacts_dir (a
     restarted driver). Ray restarts a lost worker group up to `spec.resources.max_retries` times from the
-    last checkpoint; rows replayed after such a restart are not forwarded twice.
+    last checkpoint; rows replayed after such a restart are not forwarded twice. A restarted driver can
+    pass `skip_through_step` (the last step its store already holds) to drop rows replayed across drivers.
     """
     channel = JobChannel.remote()
-    forward = _Forwarder(on_metrics, on_event, on_checkpoint)
+    forward = _Forwarder(on_metrics, on_event, on_checkpoint, skip_through_step)
     box: dict[str, Any] = {}
 
     def fit() -> None:  # not on the main thread: fit() there installs a SIGINT handler

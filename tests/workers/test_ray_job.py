@@ -159,3 +159,15 @@ def test_killed_worker_restarts_from_checkpoint_without_duplicate_steps(
     assert rec.train_steps == list(range(1, 21))
     assert "worker_error" in rec.kinds and "resumed" in rec.kinds
     assert wait_for_cpus(2) == 2
+
+
+def test_leaked_placement_group_is_found_and_removed(local_ray) -> None:
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group([{"CPU": 1}])
+    pg.wait(timeout_seconds=30)
+    assert wait_for_cpus(2, timeout=1) == 1
+    assert pg.id.hex() in ray_cluster.leaked_placement_groups()
+    assert ray_cluster.remove_leaked_placement_groups() == [pg.id.hex()]
+    assert wait_for_cpus(2) == 2
+    assert ray_cluster.is_reachable()

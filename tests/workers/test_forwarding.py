@@ -1,0 +1,59 @@
+"""Driver-side forwarding rules without Ray: replayed rows dropped, rank mismatches found, failures summarised."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.ray_job import _failure, _Forwarder, _rank_differences
+from workers.train_worker import FatalJobError, error_payload
+
+
+def _collect(skip: int = 0) -> tuple[_Forwarder, list[Any]]:
+    seen: list[Any] = []
+    fwd = _Forwarder(
+        lambda s, v: seen.append(("m", s, v)),
+        lambda k, m, d: seen.append(("e", k)),
+        lambda s, p, v: seen.append(("c", s, p)),
+        skip_through_step=skip,
+    )
+    return fwd, seen
+
+
+def test_rows_replayed_after_a_restart_are_forwarded_once() -> None:
+    fwd, seen = _collect()
+    for step in [1, 2, 3, 4, 3, 4, 5]:  # restart from the checkpoint at step 2
+        fwd({"type": "metrics", "step": step, "values": {"loss": float(step)}})
+    fwd({"type": "metrics", "step": 4, "values": {"eval/loss": 1.0}})
+    fwd({"type": "metrics", "step": 4, "values": {"eval/loss": 1.0}})
+    fwd({"type": "checkpoint", "step": 2, "path": "a", "values": {}})
+    fwd({"type": "checkpoint", "step": 2, "path": "b", "values": {}})
+    fwd({"type": "event", "kind": "resumed", "message": "m", "data": {}})
+    assert [s for k, s, *_ in seen if k == "m"] == [1, 2, 3, 4, 5, 4]
+    assert [x for x in seen if x[0] == "c"] == [("c", 2, "a")]
+    assert ("e", "resumed") in seen and fwd.latest_checkpoint == "a" and fwd.max_step == 5
+
+
+def test_a_restarted_driver_skips_steps_its_store_holds() -> None:
+    fwd, seen = _collect(skip=3)
+    for step in [3, 4]:
+        fwd({"type": "metrics", "step": step, "values": {"loss": 0.5}})
+    assert [s for k, s, *_ in seen if k == "m"] == [4]
+
+
+def test_rank_differences_ignore_per_rank_timings() -> None:
+    same = {"loss": 0.5, "step": 1}
+    assert _rank_differences([{**same, "step_time": 1.0}, {**same, "step_time": 2.0}]) == []
+    assert _rank_differences([same, {**same, "loss": 0.6}]) == ["loss"]
+    assert _rank_differences([same]) == []
+
+
+def test_failure_prefers_the_recorded_fatal_error_then_the_worker_exception() -> None:
+    class Boom(Exception):
+        worker_failures = {1: FatalJobError("non_finite_loss", "loss is nan at step 3")}
+
+    assert _failure(Boom(), {"code": "dataset_error", "message": "x"}, 1) == ("dataset_error", "x")
+    assert _failure(Boom(), None, 1) == ("non_finite_loss", "loss is nan at step 3")
+    Boom.worker_failures = {0: RuntimeError("Traceback...\n  more\nValueError: bad thing")}
+    code, message = _failure(Boom(), None, 2)
+    assert code == "worker_error" and message.endswith("ValueError: bad thing") and "2 retries" in message
+    assert error_payload(FatalJobError("a", "b")) == {"code": "a", "message": "b"}
