@@ -38,7 +38,7 @@ from core.models import (
     load_tokenizer,
 )
 from core.optim import build_optimizer, build_scheduler
-from core.packing import pack_pairs
+from core.packing import PackedBatch, pack_pairs
 from core.reference_source import ReferenceSetup, ReferenceSource, build_reference
 from core.reporting import NullReporter, Reporter
 from core.scoring import PairScorer
@@ -227,18 +227,9 @@ class Trainer:
                 tokens, slots = tokens + batch.num_tokens, slots + batch.segments.numel()
                 sync = micro == t.grad_accum_steps - 1 or not hasattr(train_scorer, "no_sync")
                 with nullcontext() if sync else train_scorer.no_sync():
-                    scores = train_scorer(batch)
-                    rc, rr = reference.logps(batch)
-                    per_pair = self.loss_fn(
-                        scores.chosen_logps,
-                        scores.rejected_logps,
-                        rc,
-                        rr,
-                        chosen_lengths=batch.chosen_lengths,
-                        rejected_lengths=batch.rejected_lengths,
-                    )
+                    per_pair, values = self._score(train_scorer, batch, reference)
                     (per_pair.mean() / t.grad_accum_steps).backward()
-                sums.add(self._pair_metrics(per_pair, scores, rc, rr))
+                sums.add(values)
                 loop.epoch, loop.batch_in_epoch = (epoch, index + 1)
             reduced = sums.reduce(dist.all_reduce_sum)
             if not math.isfinite(reduced["loss"]):
@@ -288,6 +279,22 @@ class Trainer:
     def _all_reduce(self, tensor: Tensor) -> Tensor:
         return self.dist.all_reduce_sum(tensor) if self.dist.all_reduce_sum else tensor
 
+    def _score(
+        self, scorer: nn.Module, batch: PackedBatch, reference: ReferenceSource, offset: int = 0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-pair loss of one packed batch and its per-pair metrics."""
+        scores = scorer(batch)
+        rc, rr = reference.logps(batch, offset=offset)
+        per_pair = self.loss_fn(
+            scores.chosen_logps,
+            scores.rejected_logps,
+            rc,
+            rr,
+            chosen_lengths=batch.chosen_lengths,
+            rejected_lengths=batch.rejected_lengths,
+        )
+        return per_pair, self._pair_metrics(per_pair, scores, rc, rr)
+
     def _pair_metrics(self, per_pair: Tensor, scores: Any, rc: Tensor, rr: Tensor) -> dict[str, Tensor]:
         return pair_metrics(
             per_pair,
@@ -321,17 +328,7 @@ class Trainer:
         with torch.no_grad():
             for idx in plan.epoch(0):
                 batch = pack_pairs([pairs[i] for i in idx], idx, self.pad_id).to(self.device)
-                scores = scorer(batch)
-                rc, rr = reference.logps(batch, offset=offset)
-                per_pair = self.loss_fn(
-                    scores.chosen_logps,
-                    scores.rejected_logps,
-                    rc,
-                    rr,
-                    chosen_lengths=batch.chosen_lengths,
-                    rejected_lengths=batch.rejected_lengths,
-                )
-                sums.add(self._pair_metrics(per_pair, scores, rc, rr))
+                sums.add(self._score(scorer, batch, reference, offset)[1])
         scorer.train()
         return {f"eval/{k}": v for k, v in sums.reduce(self.dist.all_reduce_sum).items()}
 
