@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -54,7 +55,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     The database must be at the schema head (or MINORDPO_AUTO_MIGRATE set); `minordpo serve` also
     creates a fresh SQLite file first. Extra
     readiness checks (e.g. Ray) go in `app.state.readiness_checks[name] = callable`; more public
-    paths (e.g. a dashboard page) in `app.state.public_paths`.
+    paths (e.g. a dashboard page) in `app.state.public_paths`; callables to run at shutdown in
+    `app.state.shutdown_hooks`.
     """
     settings = settings or get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json)
@@ -69,6 +71,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("API ready (auth %s)", "on" if authenticator.enabled else "off: loopback only")
         yield
+        for hook in app.state.shutdown_hooks:  # e.g. the embedded dispatcher and its local Ray head
+            await asyncio.to_thread(hook)
         if database is None:
             db.dispose()
 
@@ -94,6 +98,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         "tokenizers": TokenizerCache(settings.tokenizer_cache_size),
         "readiness_checks": {"database": _database_check(db)},
         "public_paths": public_paths,
+        "shutdown_hooks": [],
     }
     for key, value in state.items():
         setattr(app.state, key, value)

@@ -76,13 +76,12 @@ def register(app: typer.Typer) -> None:
         settings = Settings(**overrides)
         configure_logging(settings.log_level, json_lines=settings.log_json)
         application = build_app(settings)
-        service = start_dispatcher(settings, application) if settings.embedded_dispatcher else None
+        if settings.embedded_dispatcher:
+            # stopped by the app's shutdown, not after uvicorn.run: uvicorn re-raises SIGTERM when it returns
+            service = start_dispatcher(settings, application)
+            application.state.shutdown_hooks.append(service.stop)
         log.info("serving on http://%s:%d", settings.host, settings.port)
-        try:
-            _run_uvicorn(uvicorn, application, settings)
-        finally:
-            if service is not None:
-                service.stop()
+        _run_uvicorn(uvicorn, application, settings)
 
 
 def start_dispatcher(settings: Settings, application: Any = None) -> Any:

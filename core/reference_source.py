@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.data import LengthGroupedBatches, PreparedData
+from core.data import PreparedData
 from core.models import adapters_disabled, is_peft, load_model, model_fingerprint
 from core.packing import PackedBatch
 from core.reference import ReferenceCache, ReferenceTable, cache_key, compute_reference
@@ -103,9 +103,12 @@ def _precomputed_table(
         scorer, context = PairScorer(ref_model), nullcontext()
     else:
         scorer, context = PairScorer(policy), adapters_disabled(policy)
-    rows = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
-    plan = LengthGroupedBatches(rows, spec.training.batch_size, spec.training.seed, shuffle=False)
-    mine = [b for k, b in enumerate(plan.epoch(0)) if k % setup.world_size == setup.rank]
+    # longest packed rows first, cut into batches: neighbours have similar widths, so little padding
+    width = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -width[i])
+    size = spec.training.batch_size
+    batches = [order[k : k + size] for k in range(0, len(order), size)]
+    mine = [b for k, b in enumerate(batches) if k % setup.world_size == setup.rank]
     with context:
         table = compute_reference(
             scorer, pairs, mine, device=setup.device, pad_id=setup.pad_id, all_reduce_sum=setup.all_reduce_sum

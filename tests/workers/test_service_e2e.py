@@ -6,6 +6,7 @@ kill test restarts it. Jobs are tiny (a ~0.8M-parameter model, a few steps) so t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -80,6 +81,10 @@ class Server:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(90)
 
+    def head_pid(self) -> int | None:
+        state = self.root / "var" / "ray-head.json"
+        return int(json.loads(state.read_text())["pid"]) if state.exists() else None
+
 
 @pytest.fixture(scope="module")
 def server(
@@ -87,10 +92,24 @@ def server(
 ) -> Iterator[Server]:
     srv = Server(tmp_path_factory.mktemp("service"), tiny_model_dir, learnable_pairs_file)
     srv.start()
+    head = srv.head_pid()
     try:
         yield srv
     finally:
         srv.stop()
+    # a clean shutdown also stops the local Ray head the server started (or reused after the kill)
+    deadline = time.monotonic() + 60
+    while head is not None and time.monotonic() < deadline and _alive(head):
+        time.sleep(0.5)
+    assert head is not None and not _alive(head), "the local Ray head outlived the server"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def job_body(model: Path, data: Path, *, steps: int = 6, **resources: Any) -> dict[str, Any]:
