@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, database, the authenticated principal."""
+"""FastAPI dependencies: settings, database, the authenticated principal (async: no I/O, no thread-pool hop)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from core.store import Database
 bearer_scheme = HTTPBearer(auto_error=False, description="API token from MINORDPO_API_TOKENS")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The settings the app was created with."""
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     """The app's database (sessions are opened per unit of work by the services)."""
     return request.app.state.db
 
 
-def get_principal(
+async def get_principal(
     request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(bearer_scheme)
 ) -> Principal:
     """The caller, as authenticated by AuthMiddleware."""

@@ -184,6 +184,16 @@ def _names_filter(dialect: str, names: Sequence[str], params: dict[str, Any]) ->
     return "AND (" + " OR ".join(clauses) + ")"
 
 
+def _range_stats(session: Session, where: str, params: dict[str, Any]) -> tuple[int, int, int]:
+    """Row count and first/last step of the selected range (one index range scan)."""
+    stats = {k: v for k, v in params.items() if k != "lim"}
+    query = text(f"SELECT count(*), min(step), max(step) FROM metric_points WHERE {where}")
+    if "names" in stats:
+        query = query.bindparams(bindparam("names", type_=ARRAY(Text())))
+    n, first, last = session.execute(query, stats).one()
+    return int(n), int(first or 0), int(last or 0)
+
+
 def metric_series(
     session: Session,
     job_id: str,
@@ -212,8 +222,20 @@ def metric_series(
     where = "job_id = :job_id AND step > :after"
     if wanted:
         where += " " + _names_filter(dialect, wanted, params)
+    plain = f"SELECT step, wall_time, metrics FROM metric_points WHERE {where} ORDER BY step LIMIT :lim"
+    picked_steps: list[int] | None = None
+    if max_points is not None:
+        n, first, last = _range_stats(session, where, params)
+        if n <= max_points:
+            max_points = None  # nothing to drop
+        elif last - first + 1 == n:  # steps without gaps (the usual case): rank r is step first + r
+            m = max_points
+            picked_steps = sorted({first + k * (n - 1) // (m - 1) for k in range(m)})
     if max_points is None:
-        sql = f"SELECT step, wall_time, metrics FROM metric_points WHERE {where} ORDER BY step LIMIT :lim"
+        sql = plain
+    elif picked_steps is not None:
+        sql = f"SELECT step, wall_time, metrics FROM metric_points WHERE {where} AND step IN :steps ORDER BY step LIMIT :lim"
+        params["steps"] = picked_steps
     else:
         params["m"] = max_points
         # Rank rn (0-based) of n > m rows is kept when rn == floor(k*(n-1)/(m-1)) for some k in
@@ -232,6 +254,8 @@ def metric_series(
             WHERE mp.job_id = :job_id ORDER BY mp.step LIMIT :lim
         """
     query = text(sql)
+    if "steps" in params:
+        query = query.bindparams(bindparam("steps", expanding=True))
     if "names" in params:
         query = query.bindparams(bindparam("names", type_=ARRAY(Text())))
     result = session.execute(query, params).all()

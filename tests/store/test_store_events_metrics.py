@@ -146,10 +146,11 @@ def _expected_ranks(n: int, m: int) -> list[int]:
     return sorted({k * (n - 1) // (m - 1) for k in range(m)})
 
 
+@pytest.mark.parametrize("stride", [1, 3])  # consecutive steps (fast path) and steps with gaps (by rank)
 @pytest.mark.parametrize("n,m", [(1, 5), (5, 5), (6, 5), (7, 2), (10, 3), (101, 10), (997, 50)])
-def test_downsampling_picks_exactly_m_evenly_spaced_points(db: Database, n: int, m: int) -> None:
+def test_downsampling_picks_exactly_m_evenly_spaced_points(db: Database, n: int, m: int, stride: int) -> None:
     job_id = new_job(db)
-    steps = [3 * i + 1 for i in range(n)]  # gaps: rank-based, not step-based
+    steps = [stride * i + 1 for i in range(n)]
     with db.write() as s:
         append_metrics(
             s, job_id, [{"step": st, "time": 0.0, "values": {"x": st}} for st in steps], update_job=False
