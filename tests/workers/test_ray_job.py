@@ -123,7 +123,7 @@ def test_cancel_stops_within_seconds_frees_cpus_and_a_new_driver_resumes(
     outcome = rec.run("job-cancel", spec, tmp_path)
 
     assert outcome.status == "cancelled", outcome
-    assert time.monotonic() - asked[0] < 10
+    assert time.monotonic() - asked[0] < 30  # stop at the next step, checkpoint, Ray tears the group down
     stopped = outcome.last_step
     assert 3 <= stopped < 400
     assert rec.train_steps == list(range(1, stopped + 1))
