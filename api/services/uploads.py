@@ -97,8 +97,11 @@ class _Sink:
         self.fh.write(chunk)
         self.size += len(chunk)
 
-    def close(self) -> None:
+    def finish(self, filename: str | None) -> Upload:
+        """Close the file and describe what was received."""
         self.fh.close()
+        name = safe_filename(filename)
+        return Upload(self.path, self.digest.hexdigest(), self.size, name, suffix_for(name, self.head))
 
     def discard(self) -> None:
         self.fh.close()
@@ -115,9 +118,7 @@ async def receive_stream(chunks: AsyncIterator[bytes], folder: Path, filename: s
     except BaseException:
         sink.discard()
         raise
-    sink.close()
-    name = safe_filename(filename)
-    return Upload(sink.path, sink.digest.hexdigest(), sink.size, name, suffix_for(name, sink.head))
+    return sink.finish(filename)
 
 
 def receive_file(source: IO[bytes], folder: Path, filename: str | None) -> Upload:
@@ -129,9 +130,7 @@ def receive_file(source: IO[bytes], folder: Path, filename: str | None) -> Uploa
     except BaseException:
         sink.discard()
         raise
-    sink.close()
-    name = safe_filename(filename)
-    return Upload(sink.path, sink.digest.hexdigest(), sink.size, name, suffix_for(name, sink.head))
+    return sink.finish(filename)
 
 
 def check_rows(path: Path) -> UploadCheck:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,14 +15,9 @@ import httpx
 import pytest
 
 from tests.api.conftest import PAIRS, REPO, TOKENS, write_jsonl
+from tests.serving import free_port, wait_until_up
 
 TOKEN_ENV = ",".join(f"{p}:{t}" for p, t in TOKENS.items())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -60,19 +53,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
     env = serve_env(tmp_path)
     proc = run_serve(env, tmp_path)
     base = f"http://127.0.0.1:{env['MINORDPO_PORT']}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("server did not answer /healthz within 60 s")
-        time.sleep(0.2)
+    wait_until_up(proc, f"{base}/healthz", log=lambda: proc.stdout.read() if proc.stdout else "")
     yield base, tmp_path, proc
     if proc.poll() is None:
         proc.kill()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from api.services.stream_reads import Cursor
 from core.settings import Settings
 from core.store import Database, append_event, append_metrics, cancel_job, create_job, transition, upgrade
 from tests.api.conftest import auth
+from tests.serving import free_port
 
 POLL_S = 0.05
 HEARTBEAT_S = 0.3
@@ -51,17 +51,11 @@ class Live:
         return self.app.state.stream_hub
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def serving(app: FastAPI) -> Iterator[Live]:
     """`app` behind a real uvicorn (in a thread), with a fast poller and heartbeat."""
     app.state.stream_hub = StreamHub(app.state.db, poll_interval=POLL_S, heartbeat=HEARTBEAT_S)
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
     )

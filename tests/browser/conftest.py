@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from core.store import Database, upgrade
 from tests.api.conftest import GPT2_TOKENIZER, PAIRS, REPO, write_jsonl
+from tests.serving import free_port, wait_until_up
 
 CHROMIUM = Path(os.environ.get("MINORDPO_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -86,12 +84,6 @@ def _tokenizer_model(folder: Path) -> Path | None:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`uvicorn api.main:create_app --factory` on a free port, tokens on, a fast SSE poller."""
@@ -101,7 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     model_dir = _tokenizer_model(root / "tokenizer-model")
     url = f"sqlite:///{root / 'dash.db'}"
     upgrade(url)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
     env.update(
         {
@@ -121,17 +113,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         [*cmd, "--port", str(port)], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"dashboard server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.1)
+    wait_until_up(proc, f"{base}/healthz", log=(root / "server.log").read_text, timeout_s=30, interval_s=0.1)
     shots = Path(os.environ.get("MINORDPO_SCREENSHOTS_DIR") or tempfile.mkdtemp(prefix="minordpo-dashboard-"))
     shots.mkdir(parents=True, exist_ok=True)
     db = Database(url)

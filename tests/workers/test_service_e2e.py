@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,10 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, SHARED
+from tests.serving import free_port, wait_until_up
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -37,7 +31,7 @@ class Server:
 
     def __init__(self, root: Path, model_dir: Path, data_file: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
         self.env.update(
@@ -60,16 +54,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve"], cwd=self.root, env=self.env, stdout=log, stderr=log
         )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError("server not ready: " + (self.root / "serve.log").read_text()[-3000:])
+        wait_until_up(self.proc, f"{self.url}/readyz", log=(self.root / "serve.log").read_text, timeout_s=180)
 
     def kill9(self) -> None:
         assert self.proc is not None

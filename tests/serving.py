@@ -1,0 +1,42 @@
+"""Helpers for tests that run a real server process: a free loopback port, and waiting until it answers."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_up(
+    proc: subprocess.Popen,
+    url: str,
+    *,
+    log: Callable[[], str],
+    timeout_s: float = 60.0,
+    interval_s: float = 0.2,
+) -> None:
+    """Poll `url` until it answers 200; fail the test with the server's log if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early ({proc.returncode}):\n{log()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not answer {url} within {timeout_s:.0f} s:\n{log()[-3000:]}")
+        time.sleep(interval_s)
