@@ -1,0 +1,1 @@
+"""Offline checks of the container files (Dockerfile, .dockerignore, docker-compose.yml)."""
