@@ -16,7 +16,7 @@ from api.errors import install_error_handlers
 from api.logging import configure_logging
 from api.metrics import ApiMetrics
 from api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from api.routers import dashboard, datasets, docs, health, jobs, stream
+from api.routers import dashboard, datasets, docs, health, jobs, stream, webhooks
 from api.services.auth import Authenticator, StartupError
 from api.services.jobs import count_by_status
 from api.services.validation import TokenizerCache
@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         setattr(app.state, key, value)
 
     install_error_handlers(app)
-    for module in (health, jobs, stream, datasets, docs, dashboard):
+    for module in (health, jobs, stream, datasets, webhooks, docs, dashboard):
         app.include_router(module.router)
 
     # Added last = outermost: request context wraps auth, auth wraps the body limit.

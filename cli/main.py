@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import db, dispatcher, serve, train
+from cli import db, dispatcher, jobs, serve, sweep, train, watch
 
 app = typer.Typer(
     name="minordpo",
@@ -17,6 +17,9 @@ app.add_typer(db.app, name="db", help="Database schema (Alembic migrations).")
 serve.register(app)
 dispatcher.register(app)
 train.register(app)
+jobs.register(app)
+watch.register(app)
+sweep.register(app)
 
 if __name__ == "__main__":
     app()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,31 @@ class SpecFileError(ValueError):
     """The spec file cannot be read or is invalid; the message lists every offending field."""
 
 
-def _parse_value(raw: str) -> Any:
+FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def parse_value(raw: str) -> Any:
+    """A YAML scalar (`true`, `[a, b]`, `0.5`), with `1e-5` read as a number (YAML 1.1 would keep a string)."""
+    if FLOAT.match(raw.strip()):
+        return float(raw)
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+
+
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in nested mappings, creating missing sections."""
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecFileError(f"{key!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -29,16 +50,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise SpecFileError(f"override {item!r} is not KEY=VALUE")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise SpecFileError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[leaf] = _parse_value(raw)
+        set_path(data, key, parse_value(raw))
     return data
 
 

@@ -11,11 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.output import err, fail
 from cli.progress import ConsoleReporter
 from cli.specfile import SpecFileError, load_spec
 from core.settings import get_settings
-
-err = Console(stderr=True)
 
 
 def _quiet_libraries() -> None:
@@ -28,8 +27,7 @@ def _quiet_libraries() -> None:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
-    return typer.Exit(code)
+    return fail(message, code)
 
 
 def register(app: typer.Typer) -> None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.loss_names import LOSS_NAMES
+
 LossFn = Callable[..., Tensor]
 
 
@@ -208,6 +210,9 @@ LOSSES: dict[str, LossFn] = {
     "simpo": simpo,
     "sft": sft,
 }
+
+if tuple(LOSSES) != LOSS_NAMES:  # pragma: no cover - a registry edit must update core/loss_names.py too
+    raise ImportError("core.losses.LOSSES and core.loss_names.LOSS_NAMES list different losses")
 
 REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "sft"})
 """Losses that never read the reference log-probs: a run made only of these needs no reference pass."""

@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     stop_ray_on_exit: bool = Field(True, description="Stop the local Ray head when the server exits cleanly")
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a token")
     log_json: bool = Field(True, description="One JSON object per log line (else plain text)")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Master secret for webhook signatures (default: generated in the artifacts dir)"
+    )
+    webhook_allowed_hosts: str = Field(
+        "*", description="Comma-separated host patterns (fnmatch) that webhook URLs may point at"
+    )
+    webhook_max_attempts: int = Field(8, ge=1, le=100, description="Attempts per webhook delivery")
+    webhook_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt")
     tokenizer_cache_size: int = Field(4, ge=0, description="Tokenizers kept in memory for /v1/jobs:validate")
 
     def token_text(self) -> str:
@@ -56,6 +64,13 @@ class Settings(BaseSettings):
         else:
             roots = [Path.cwd(), self.artifacts_dir]
         return [r.expanduser().resolve() for r in roots]
+
+    def webhook_master_secret(self) -> bytes:
+        """The master webhook secret: WEBHOOK_SECRET, else one generated once under the artifacts dir."""
+        from core.webhooks import master_secret
+
+        configured = self.webhook_secret.get_secret_value() if self.webhook_secret else None
+        return master_secret(configured, self.artifacts_dir)
 
 
 @lru_cache(maxsize=1)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.losses import LOSSES
+from core.loss_names import LOSS_NAMES
 
 DatasetFormat = Literal["auto", "standard", "conversational", "implicit_prompt", "openai"]
 
@@ -57,7 +57,9 @@ class DatasetSpec(StrictModel):
 class LossSpec(StrictModel):
     """Which loss (or weighted sum of losses) and its hyperparameters (TRL names)."""
 
-    type: str | list[str] = Field("minor_dpo", description=f"One of {', '.join(LOSSES)}, or a list of them")
+    type: str | list[str] = Field(
+        "minor_dpo", description=f"One of {', '.join(LOSS_NAMES)}, or a list of them"
+    )
     weights: list[float] | None = Field(None, description="One weight per loss type when type is a list")
     beta: float = Field(0.1, gt=0.0, le=100.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="ε of cdpo, robust and exo_pair")
@@ -77,8 +79,8 @@ class LossSpec(StrictModel):
     @classmethod
     def _known_loss(cls, value: str | list[str]) -> str | list[str]:
         for name in [value] if isinstance(value, str) else value:
-            if name not in LOSSES:
-                raise ValueError(f"unknown loss '{name}'; choose from {', '.join(LOSSES)}")
+            if name not in LOSS_NAMES:
+                raise ValueError(f"unknown loss '{name}'; choose from {', '.join(LOSS_NAMES)}")
         return value
 
     @model_validator(mode="after")
@@ -147,6 +149,29 @@ class ResourcesSpec(StrictModel):
     max_retries: int = Field(1, ge=0, le=100, description="Worker-group restarts from the last checkpoint")
 
 
+WebhookEvent = Literal["job.started", "job.succeeded", "job.failed", "job.cancelled", "job.checkpoint"]
+WEBHOOK_EVENTS: tuple[str, ...] = (
+    "job.started",
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+    "job.checkpoint",
+)
+
+
+class WebhookSpec(StrictModel):
+    """An HTTP endpoint told about a job's start, checkpoints and end (signed per Standard Webhooks)."""
+
+    url: str = Field(
+        max_length=2048, pattern=r"^https?://[^\s/]+", description="http(s) URL that receives POSTs"
+    )
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS),
+        min_length=1,
+        description="Which deliveries to send (default: all)",
+    )
+
+
 class JobSpec(StrictModel):
     """A whole training job, as POSTed to `/v1/jobs` or given to `minordpo train`."""
 
@@ -177,6 +202,13 @@ class JobSpec(StrictModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     lora: LoraSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    group: str | None = Field(
+        None,
+        max_length=40,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Groups jobs for comparison (a sweep); list them with GET /v1/jobs?group=",
+    )
+    webhooks: list[WebhookSpec] = Field(default_factory=list, max_length=10)
 
     @field_validator("model", mode="before")
     @classmethod

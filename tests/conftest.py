@@ -25,7 +25,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~0.8M-parameter random-init Llama with the real GPT-2 tokenizer, saved in HF format once per session."""
     from core.models import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", tokenizer=GPT2_FILE, size="tiny", seed=0)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny", tokenizer=GPT2_FILE, size="tiny", seed=0
+    )
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,16 @@ def learnable_pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     and carry to held-out pairs.
     """
     rng = random.Random(0)
-    topics = ["the weather", "a recipe", "my homework", "a trip", "the garden", "a poem", "my code", "the budget"]
+    topics = [
+        "the weather",
+        "a recipe",
+        "my homework",
+        "a trip",
+        "the garden",
+        "a poem",
+        "my code",
+        "the budget",
+    ]
     path = tmp_path_factory.mktemp("data") / "learnable.jsonl"
     with gzip.open(HH_FILE, "rt", encoding="utf-8") as src, path.open("w", encoding="utf-8") as out:
         for _, line in zip(range(240), src, strict=False):

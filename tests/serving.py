@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -40,3 +41,12 @@ def wait_until_up(
             proc.kill()
             pytest.fail(f"server did not answer {url} within {timeout_s:.0f} s:\n{log()[-3000:]}")
         time.sleep(interval_s)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

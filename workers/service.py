@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from core.settings import Settings
 from core.store import Database
+from core.webhooks import project_secret
 from workers.dispatcher import Dispatcher, DriverEnv
 from workers.ray_control import (
     LocalHead,
@@ -19,6 +20,7 @@ from workers.ray_control import (
     start_local_head,
     stop_local_head,
 )
+from workers.webhooks import WebhookSender
 
 log = logging.getLogger("workers.service")
 
@@ -33,6 +35,8 @@ class DispatcherService:
         self.ray_jobs: RayJobs | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._webhook_thread: threading.Thread | None = None
+        self.webhooks: WebhookSender | None = None
 
     def _capacity(self) -> Callable[[], float]:
         if self.head is not None:
@@ -87,12 +91,34 @@ class DispatcherService:
             daemon=True,
         )
         self._thread.start()
+        self.start_webhooks()
+
+    def start_webhooks(self) -> None:
+        """Start the webhook sender thread (deliveries are owed by whichever process dispatches)."""
+        master = self.settings.webhook_master_secret()
+        self.webhooks = WebhookSender(
+            self.db,
+            lambda project: project_secret(master, project),
+            max_attempts=self.settings.webhook_max_attempts,
+            backoff_s=self.settings.webhook_backoff_s,
+        )
+        self._webhook_thread = threading.Thread(
+            target=self.webhooks.run,
+            args=(self._stop, min(self.settings.dispatch_interval_s, 1.0)),
+            name="webhooks",
+            daemon=True,
+        )
+        self._webhook_thread.start()
 
     def stop(self) -> None:
         """Stop the loop; stop our local head too when configured (running jobs resume from checkpoints later)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._webhook_thread is not None:
+            self._webhook_thread.join(timeout=30)
+        if self.webhooks is not None:
+            self.webhooks.close()
         if self.head is not None and self.settings.stop_ray_on_exit:
             log.info("stopping the local Ray head")
             stop_local_head(self.head, self.settings.ray_state_file)

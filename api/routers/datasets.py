@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path, Request, Response
 
 from api.deps import DbDep, PrincipalDep, SettingsDep
 from api.errors import PROBLEM_JSON, Problem
-from api.schemas import DatasetOut
 from api.services import datasets as service
+from core.schemas import DatasetOut
 
 router = APIRouter(
     prefix="/v1",

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from api.deps import DbDep, PrincipalDep, SettingsDep
 from api.errors import PROBLEM_JSON, Problem
-from api.schemas import CheckpointList, JobOut, JobPage, MetricSeries, ValidationOut
 from api.services import jobs as service
 from api.services.specs import check_spec
 from api.services.validation import validate_spec
+from core.schemas import CheckpointList, JobOut, JobPage, MetricSeries, ValidationOut
 from core.spec import JobSpec
 
 PROBLEMS = {
@@ -75,13 +75,16 @@ def list_jobs(
     db: DbDep,
     principal: PrincipalDep,
     status: Annotated[StatusFilter | None, Query(description="Only jobs in this state")] = None,
+    group: Annotated[
+        str | None, Query(description="Only jobs of this group (spec.group)", max_length=40)
+    ] = None,
     after: Annotated[
         str | None, Query(description="next_cursor of the previous page", max_length=200)
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> JobPage:
     """The caller's jobs (every project's for the admin); follow next_cursor until it is null."""
-    return service.list_page(db, principal, status=status, after=after, limit=limit)
+    return service.list_page(db, principal, status=status, after=after, limit=limit, group=group)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job")

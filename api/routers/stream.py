@@ -30,14 +30,16 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from anyio import to_thread
-from fastapi import APIRouter, Header, Path, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.deps import DbDep, PrincipalDep
 from api.errors import ProblemError, not_found
 from api.routers.jobs import PROBLEMS
+from api.services import jobs as jobs_service
 from api.services.stream import StreamHub
 from api.services.stream_reads import Cursor, Message
+from core.schemas import EventPage
 from core.store import get_job
 from core.store.models import TERMINAL_STATUSES
 
@@ -75,7 +77,12 @@ async def _frames(hub: StreamHub, job_id: str, cursor: Cursor, terminal: bool) -
     summary="Live events of a job (Server-Sent Events)",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}, "description": "The event stream"},
+        200: {
+            "model": EventPage,
+            "content": {"text/event-stream": {}},
+            "description": "The event stream; with `Accept: application/json` (and not text/event-stream), "
+            "one page of stored events instead (`after`, `limit`)",
+        },
         204: {"description": "The job is finished and the Last-Event-ID is at its end"},
         400: {"description": "Malformed Last-Event-ID"},
     },
@@ -86,8 +93,16 @@ async def job_events(
     db: DbDep,
     principal: PrincipalDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+    after: Annotated[int, Query(ge=0, description="JSON view only: events after this seq")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="JSON view only: page size")] = 100,
 ) -> Response:
     """Status changes, events and metric rows in order, each with a resumable id (see the module docs)."""
+    accept = request.headers.get("accept", "")
+    if "application/json" in accept and "text/event-stream" not in accept:
+        page = await to_thread.run_sync(
+            lambda: jobs_service.events(db, principal, job_id, after=after, limit=limit)
+        )
+        return JSONResponse(page.model_dump(mode="json"))
     try:
         cursor = Cursor.parse(last_event_id)
     except ValueError as exc:

@@ -10,10 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.errors import BodyTooLarge, ProblemError, not_found
-from api.schemas import DatasetOut, UploadReport
 from api.services.auth import Principal
 from api.services.uploads import Upload, UploadCheck, checked_copy, finalise, receive_file, receive_stream
 from core.data.errors import DatasetError
+from core.schemas import DatasetOut, UploadReport
 from core.store import Database, Dataset, get_dataset, register_dataset
 
 log = logging.getLogger("api.datasets")

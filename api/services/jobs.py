@@ -9,9 +9,19 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.errors import ProblemError, not_found
-from api.schemas import CheckpointList, CheckpointOut, JobError, JobOut, JobPage, MetricSeries, Progress
 from api.services.auth import Principal
 from api.services.specs import CheckedSpec, DatasetLookup
+from core.schemas import (
+    CheckpointList,
+    CheckpointOut,
+    EventOut,
+    EventPage,
+    JobError,
+    JobOut,
+    JobPage,
+    MetricSeries,
+    Progress,
+)
 from core.store import (
     Database,
     IdempotencyConflictError,
@@ -24,6 +34,7 @@ from core.store import (
     get_dataset,
     get_job,
     list_checkpoints,
+    list_events,
     list_jobs,
     metric_series,
 )
@@ -76,6 +87,7 @@ def to_out(job: Job, queue_position: int | None = None) -> JobOut:
         error=JobError(**error) if error else None,
         queue_position=queue_position,
         attempt=job.attempt or 0,
+        group=job.group_id,
     )
 
 
@@ -99,7 +111,11 @@ def create(
     try:
         with db.write() as session:
             job, created = create_job(
-                session, project=principal.owner, spec=checked.resolved, idempotency_key=idempotency_key
+                session,
+                project=principal.owner,
+                spec=checked.resolved,
+                idempotency_key=idempotency_key,
+                group_id=checked.resolved.group,
             )
             position = _queue_positions(session, [job]).get(job.id)
             out = to_out(job, position)
@@ -113,12 +129,20 @@ def create(
 
 
 def list_page(
-    db: Database, principal: Principal, *, status: str | None, after: str | None, limit: int
+    db: Database,
+    principal: Principal,
+    *,
+    status: str | None,
+    after: str | None,
+    limit: int,
+    group: str | None = None,
 ) -> JobPage:
     """A page of the caller's jobs, newest first."""
     try:
         with db.read() as session:
-            page = list_jobs(session, project=principal.scope, status=status, limit=limit, after=after)
+            page = list_jobs(
+                session, project=principal.scope, status=status, group_id=group, limit=limit, after=after
+            )
             positions = _queue_positions(session, page.data)
             return JobPage(
                 data=[to_out(j, positions.get(j.id)) for j in page.data], next_cursor=page.next_cursor
@@ -146,6 +170,17 @@ def cancel(db: Database, principal: Principal, job_id: str) -> JobOut:
             return to_out(job, _queue_positions(session, [job]).get(job.id))
     except NotFoundError as exc:
         raise not_found("job", job_id) from exc
+
+
+def events(db: Database, principal: Principal, job_id: str, *, after: int, limit: int) -> EventPage:
+    """Stored events after seq `after`, oldest first (the JSON view of the event stream)."""
+    with db.read() as session:
+        _visible(session, principal, job_id)
+        rows = list_events(session, job_id, after_seq=after, limit=limit)
+        data = [
+            EventOut(seq=e.seq, kind=e.kind, message=e.message, data=e.data, time=e.created_at) for e in rows
+        ]
+    return EventPage(data=data, next_after=data[-1].seq if len(data) == limit else None)
 
 
 def parse_names(values: Sequence[str] | None) -> list[str] | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -68,6 +70,7 @@ def check_spec(spec: JobSpec, settings: Settings, lookup: DatasetLookup) -> Chec
                 "msg": "remote code is disabled on this server (the operator can set MINORDPO_ALLOW_REMOTE_CODE=true)",
             }
         )
+    errors.extend(webhook_host_errors(spec, settings))
     resolved: dict[str, str] = {}
     model = resolve_model_or_error(spec.model.path, settings, errors)
     checks: list[tuple[str, str, Callable[[], str]]] = [
@@ -101,6 +104,22 @@ def check_spec(spec: JobSpec, settings: Settings, lookup: DatasetLookup) -> Chec
     if spec.dataset.eval:
         paths[spec.dataset.eval] = resolved["dataset.eval"]
     return CheckedSpec(spec, resolved_spec, paths, model.is_hub_id)
+
+
+def webhook_host_errors(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
+    """Webhook URLs whose host is outside MINORDPO_WEBHOOK_ALLOWED_HOSTS (keeps tenants off internal hosts)."""
+    patterns = [p.strip().lower() for p in settings.webhook_allowed_hosts.split(",") if p.strip()]
+    errors = []
+    for index, hook in enumerate(spec.webhooks):
+        host = (urlsplit(hook.url).hostname or "").lower()
+        if not any(fnmatch(host, pattern) for pattern in patterns):
+            errors.append(
+                {
+                    "loc": f"webhooks.{index}.url",
+                    "msg": f"host '{host}' is not allowed for webhooks on this server (MINORDPO_WEBHOOK_ALLOWED_HOSTS)",
+                }
+            )
+    return errors
 
 
 def resolve_model_or_error(

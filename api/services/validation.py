@@ -9,9 +9,9 @@ from collections import OrderedDict
 from typing import Any
 
 from api.errors import ProblemError
-from api.schemas import ValidationOut
 from api.services.specs import CheckedSpec
 from core.data.errors import DatasetError
+from core.schemas import ValidationOut
 from core.spec import JobSpec
 
 log = logging.getLogger("api.validate")

@@ -1,35 +1,43 @@
-"""Preference data layer: read files, normalise formats, tokenise, truncate, split, batch by length."""
+"""Preference data layer: read files, normalise formats, tokenise, truncate, split, batch by length.
 
-from core.data.batching import LengthGroupedBatches
-from core.data.encode import EncodedPair, encode_batch, encode_pair, truncate_ids
-from core.data.errors import ROW_ERROR_KINDS, DatasetError, RowError
-from core.data.formats import FORMATS, PreferenceText, detect_format, normalise, split_implicit_prompt
-from core.data.prepare import PreparedData, fingerprint, prepare_data, split_indices, tokenizer_identity
-from core.data.readers import read_rows
-from core.data.report import LengthStats, SkippedRow, TokenLengths, ValidationReport
+Names load lazily (PEP 562), so `core.data.report` and the spec stay importable without torch.
+"""
 
-__all__ = [
-    "FORMATS",
-    "ROW_ERROR_KINDS",
-    "DatasetError",
-    "EncodedPair",
-    "LengthGroupedBatches",
-    "LengthStats",
-    "PreferenceText",
-    "PreparedData",
-    "RowError",
-    "SkippedRow",
-    "TokenLengths",
-    "ValidationReport",
-    "detect_format",
-    "encode_batch",
-    "encode_pair",
-    "fingerprint",
-    "normalise",
-    "prepare_data",
-    "read_rows",
-    "split_implicit_prompt",
-    "split_indices",
-    "tokenizer_identity",
-    "truncate_ids",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LengthGroupedBatches": "core.data.batching",
+    "EncodedPair": "core.data.encode",
+    "encode_batch": "core.data.encode",
+    "encode_pair": "core.data.encode",
+    "truncate_ids": "core.data.encode",
+    "ROW_ERROR_KINDS": "core.data.errors",
+    "DatasetError": "core.data.errors",
+    "RowError": "core.data.errors",
+    "FORMATS": "core.data.formats",
+    "PreferenceText": "core.data.formats",
+    "detect_format": "core.data.formats",
+    "normalise": "core.data.formats",
+    "split_implicit_prompt": "core.data.formats",
+    "PreparedData": "core.data.prepare",
+    "fingerprint": "core.data.prepare",
+    "prepare_data": "core.data.prepare",
+    "split_indices": "core.data.prepare",
+    "tokenizer_identity": "core.data.prepare",
+    "read_rows": "core.data.readers",
+    "LengthStats": "core.data.report",
+    "SkippedRow": "core.data.report",
+    "TokenLengths": "core.data.report",
+    "ValidationReport": "core.data.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'core.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -9,6 +9,8 @@ from sqlalchemy.orm import Session
 
 from core.store.errors import NotFoundError
 from core.store.models import Job, JobEvent, utcnow
+from core.store.webhooks import enqueue_for_event
+from core.webhooks import webhook_type
 
 
 def _existing(session: Session, job_id: str, dedup_key: str) -> JobEvent | None:
@@ -28,10 +30,11 @@ def append_event(
 ) -> tuple[JobEvent, bool]:
     """Append an event; returns (event, created). With `dedup_key`, a repeat returns the first event.
 
-    The seq comes from `jobs.last_event_seq`, bumped by an UPDATE that row-locks the job until
-    commit, so seqs of one job commit in increasing order: a reader resuming after seq N (SSE
-    `Last-Event-ID`) never misses an event committed later with a smaller seq. A repeat racing the
-    first append may leave a gap in seqs (never a duplicate). Raises NotFoundError for an unknown job.
+        The seq comes from `jobs.last_event_seq`, bumped by an UPDATE that row-locks the job until
+        commit, so seqs of one job commit in increasing order: a reader resuming after seq N (SSE
+        `Last-Event-ID`) never misses an event committed later with a smaller seq. A repeat racing the
+        first append may leave a gap in seqs (never a duplicate). Status moves and checkpoints also queue
+    the job's webhook deliveries in the same transaction. Raises NotFoundError for an unknown job.
     """
     if dedup_key is not None and (found := _existing(session, job_id, dedup_key)) is not None:
         return found, False
@@ -56,6 +59,11 @@ def append_event(
     )
     session.add(event)
     session.flush()
+    if webhook_type(kind, data) is not None:
+        job = session.scalars(
+            select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+        ).one()
+        enqueue_for_event(session, job, event)
     return event, True
 
 

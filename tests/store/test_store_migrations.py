@@ -35,9 +35,13 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-def test_single_head_is_the_initial_revision() -> None:
-    assert migrate.head_revision() == "0001"
+HEAD = "0002"
+
+
+def test_single_head_is_the_newest_revision() -> None:
+    assert migrate.head_revision() == HEAD
     assert (migrate.MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
+    assert (migrate.MIGRATIONS_DIR / "versions" / "0002_webhook_deliveries.py").is_file()
 
 
 def test_models_and_migrated_schema_do_not_drift(empty_url: str) -> None:
@@ -51,23 +55,40 @@ def test_downgrade_then_upgrade(empty_url: str) -> None:
     assert migrate.downgrade(empty_url, "base") is None
     assert _tables(empty_url) - {"alembic_version"} == set()
     assert migrate.current_revision(empty_url) is None
-    assert migrate.upgrade(empty_url) == "0001"
+    assert migrate.upgrade(empty_url) == HEAD
     assert _drift(empty_url) == []
+
+
+def test_upgrade_from_0001_keeps_rows_and_downgrade_drops_only_the_new_table(empty_url: str) -> None:
+    migrate.upgrade(empty_url, "0001")
+    engine = make_engine(empty_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (name, created_at) VALUES ('p', CURRENT_TIMESTAMP)"))
+        assert "webhook_deliveries" not in inspect(engine).get_table_names()
+        assert migrate.upgrade(empty_url) == HEAD
+        assert _drift(empty_url) == []
+        assert migrate.downgrade(empty_url, "0001") == "0001"
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT name FROM projects")).scalars().all() == ["p"]
+        assert "webhook_deliveries" not in _tables(empty_url)
+    finally:
+        engine.dispose()
 
 
 def test_ensure_schema_current_refuses_an_empty_database(empty_url: str) -> None:
     with pytest.raises(migrate.SchemaOutOfDateError) as info:
         migrate.ensure_schema_current(empty_url)
     message = str(info.value)
-    assert "code expects 0001" in message
+    assert f"code expects {HEAD}" in message
     assert "run `minordpo db upgrade`" in message
-    assert info.value.current is None and info.value.head == "0001"
+    assert info.value.current is None and info.value.head == HEAD
 
 
 def test_ensure_schema_current_auto_migrates_when_asked(empty_url: str) -> None:
-    assert migrate.ensure_schema_current(empty_url, auto_migrate=True) == "0001"
-    assert migrate.current_revision(empty_url) == "0001"
-    assert migrate.ensure_schema_current(empty_url) == "0001"  # now current: no error, no change
+    assert migrate.ensure_schema_current(empty_url, auto_migrate=True) == HEAD
+    assert migrate.current_revision(empty_url) == HEAD
+    assert migrate.ensure_schema_current(empty_url) == HEAD  # now current: no error, no change
 
 
 def test_ensure_schema_current_refuses_an_unknown_newer_revision(empty_url: str) -> None:
@@ -89,14 +110,14 @@ def test_cli_db_upgrade_and_current(empty_url: str, monkeypatch: pytest.MonkeyPa
         assert before.exit_code == 1 and "out of date" in before.output
         result = runner.invoke(app, ["db", "upgrade"])
         assert result.exit_code == 0, result.output
-        assert "0001" in result.output
+        assert HEAD in result.output
         again = runner.invoke(app, ["db", "upgrade"])
-        assert again.exit_code == 0 and "already at 0001" in again.output
+        assert again.exit_code == 0 and f"already at {HEAD}" in again.output
         current = runner.invoke(app, ["db", "current"])
         assert current.exit_code == 0 and "up to date" in current.output
     finally:
         get_settings.cache_clear()
-    assert migrate.current_revision(empty_url) == "0001"
+    assert migrate.current_revision(empty_url) == HEAD
 
 
 def test_open_database_checks_the_schema(empty_url: str) -> None:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, SHARED
-from tests.serving import free_port, wait_until_up
+from tests.serving import free_port, pid_alive, wait_until_up
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -84,17 +84,9 @@ def server(
         srv.stop()
     # a clean shutdown also stops the local Ray head the server started (or reused after the kill)
     deadline = time.monotonic() + 60
-    while head is not None and time.monotonic() < deadline and _alive(head):
+    while head is not None and time.monotonic() < deadline and pid_alive(head):
         time.sleep(0.5)
-    assert head is not None and not _alive(head), "the local Ray head outlived the server"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    assert head is not None and not pid_alive(head), "the local Ray head outlived the server"
 
 
 def job_body(model: Path, data: Path, *, steps: int = 6, **resources: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-// Compare view: one metric overlaid for several jobs (#/compare?ids=a,b&metric=loss).
+// Compare view: one metric overlaid for several jobs (#/compare?ids=a,b&metric=loss, or ?group=<sweep group>).
 
 import { api } from "./api.js";
 import { COLORS, LineChart } from "./charts.js";
@@ -9,7 +9,8 @@ const REFRESH_MS = 4000;
 const KNOWN = CHARTS.flatMap(([, , series]) => series.map(([key]) => key));
 
 export function renderCompare(main, params) {
-  const ids = (params.get("ids") || "").split(",").map((s) => s.trim()).filter(Boolean);
+  let ids = (params.get("ids") || "").split(",").map((s) => s.trim()).filter(Boolean);
+  const group = params.get("group");
   const metric = params.get("metric") || "loss";
   let alive = true;
   let timer = null;
@@ -41,9 +42,18 @@ export function renderCompare(main, params) {
   const note = h("p.muted", { id: "compare-note" });
 
   async function load() {
-    if (!alive || !ids.length) return;
+    if (!alive || (!ids.length && !group)) return;
     clearTimeout(timer);
     try {
+      if (!ids.length) {
+        const page = await api(`/v1/jobs?${new URLSearchParams({ group, limit: "100" })}`);
+        ids = page.data.map((j) => j.id).reverse();
+        idsInput.value = ids.join(",");
+        if (!ids.length) {
+          note.textContent = `No jobs in group ${group}.`;
+          return;
+        }
+      }
       const q = new URLSearchParams({ names: metric, max_points: "2000" });
       const results = await Promise.all(
         ids.map(async (id) => {
@@ -92,8 +102,8 @@ export function renderCompare(main, params) {
   main.replaceChildren(
     h("h1", { text: "Compare jobs" }),
     form,
-    ids.length
-      ? h("div", {}, note, chart.element, h("h2", { text: "Legend" }), legend)
+    ids.length || group
+      ? h("div", {}, group ? h("p", { id: "compare-group", text: `Group ${group}` }) : null, note, chart.element, h("h2", { text: "Legend" }), legend)
       : h("p.muted", { text: "Select two or more jobs on the Jobs page, or enter their ids above." }),
   );
   load();

@@ -1,4 +1,4 @@
-"""Response models of the HTTP API (request bodies are core.spec.JobSpec)."""
+"""Response models of the HTTP API, shared by the server and minordpo_client (request bodies are core.spec.JobSpec)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ class JobOut(BaseModel):
     error: JobError | None = None
     queue_position: int | None = Field(None, description="1 = next to start; only while queued")
     attempt: int = 0
+    group: str | None = Field(None, description="The job's group (spec.group), e.g. a sweep")
 
 
 class JobPage(BaseModel):
@@ -94,6 +95,23 @@ class MetricSeries(BaseModel):
 
     data: list[dict[str, Any]]
     next_after_step: int | None = None
+
+
+class EventOut(BaseModel):
+    """A stored job event (status move, checkpoint, retry, webhook delivery, ...)."""
+
+    seq: int
+    kind: str
+    message: str
+    data: dict[str, Any] | None = None
+    time: datetime
+
+
+class EventPage(BaseModel):
+    """Events after a seq, oldest first; pass next_after as `after` for more (null = none stored yet)."""
+
+    data: list[EventOut]
+    next_after: int | None = None
 
 
 class CheckpointOut(BaseModel):
@@ -140,6 +158,16 @@ class DatasetOut(BaseModel):
     format: str
     created_at: datetime
     report: UploadReport | None = None
+
+
+class WebhookSecretOut(BaseModel):
+    """The secret that signs this project's webhook deliveries (Standard Webhooks `whsec_` format)."""
+
+    project: str
+    secret: str = Field(examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
+    algorithm: str = (
+        "HMAC-SHA256 over `webhook-id.webhook-timestamp.body`, header `webhook-signature: v1,<base64>`"
+    )
 
 
 class ValidationOut(BaseModel):
