@@ -52,7 +52,7 @@ def fresh_copy(dest: Path) -> Path:
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, work / name)
     (work / ".venv").symlink_to(REPO / ".venv")  # installed already: `make` sees its stamp and skips set-up
-    (dest / "shared").symlink_to(SHARED)
+    (dest / "shared").symlink_to(SHARED.parent)  # tests.conftest.SHARED is shared/data
     return work
 
 
@@ -61,6 +61,11 @@ def test_make_run_then_the_readme_tour(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_") and k != "RAY_ADDRESS"}
     env.update(MINORDPO_PORT=str(port), MINORDPO_URL=f"http://127.0.0.1:{port}")
+    # The copy shares this checkout's .venv: `make` must find it installed, or its set-up step would
+    # re-point the editable install at the copy.
+    up_to_date = subprocess.run(["make", "-q", "install"], cwd=work, capture_output=True)
+    if up_to_date.returncode != 0:
+        pytest.fail("the shared .venv is older than pyproject.toml: run `make install` first")
     log_path = tmp_path / "make-run.log"
     with log_path.open("wb") as log:
         make = subprocess.Popen(
@@ -78,7 +83,8 @@ def test_make_run_then_the_readme_tour(tmp_path: Path) -> None:
         assert [j["status"] for j in jobs] == ["succeeded"] and jobs[0]["name"] == "hh-minordpo"
         head = (work / "var" / "ray-head.json").read_text()
     finally:
-        os.killpg(make.pid, signal.SIGINT)  # Ctrl-C in the terminal that runs `make run`
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGINT)  # Ctrl-C in the terminal that runs `make run`
         try:
             make.wait(90)
         except subprocess.TimeoutExpired:

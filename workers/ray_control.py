@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -69,8 +70,30 @@ def jobs_api_reachable(dashboard_url: str) -> bool:
     return True
 
 
+def ensure_auth_token(folder: Path) -> None:
+    """Give the local head a token when the operator set none: `<folder>/ray-auth-token` (0600), via RAY_AUTH_TOKEN_PATH.
+
+    `ray start` refuses token auth without a token (only `ray.init()` makes one). Kept beside the state
+    file, the same token serves a head reused after a restart; the head's drivers inherit the variable.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = (folder / "ray-auth-token").resolve()
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
 def start_local_head(state_file: Path, *, num_cpus: int | None = None, timeout_s: float = 180.0) -> LocalHead:
     """Reuse the head recorded in `state_file` if it still answers, else start one and record it."""
+    ensure_auth_token(state_file.parent)
     if state_file.exists():
         head = LocalHead(**json.loads(state_file.read_text(encoding="utf-8")))
         if head.alive():

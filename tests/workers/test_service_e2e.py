@@ -190,3 +190,27 @@ def test_server_kill9_mid_run_job_completes_once(server, tiny_model_dir, learnab
     job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL)
     assert job["status"] == "succeeded", job
     assert metric_steps(server, job_id) == list(range(1, 31))
+
+
+def test_sweep_of_two_losses_by_two_learning_rates_completes(
+    server, tiny_model_dir, learnable_pairs_file, tmp_path, monkeypatch
+):
+    import yaml
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump(job_body(tiny_model_dir, learnable_pairs_file, steps=2, num_workers=1)))
+    monkeypatch.setenv("MINORDPO_URL", server.url)
+    grid = ["--grid", "loss.type=sigmoid,minor_dpo", "--grid", "training.learning_rate=1e-4,1e-3"]
+    result = CliRunner().invoke(app, ["sweep", str(spec), *grid, "--wait"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    group = result.stdout.split()[1].rstrip(":")
+    jobs = httpx.get(f"{server.url}/v1/jobs", params={"group": group}, timeout=10).json()["data"]
+    assert len(jobs) == 4 and all(j["status"] == "succeeded" for j in jobs)
+    table = result.stdout[result.stdout.index("┃ job") :]
+    for job in jobs:  # the summary lists every job with its grid values and final metrics
+        row = next(line for line in table.splitlines() if job["id"] in line)
+        assert job["spec"]["loss"]["type"] in row and "succeeded" in row
+        assert f"{job['metrics']['loss']:.4g}" in row
