@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -28,6 +29,8 @@ DEFAULT = DEFAULT_URL
 @contextmanager
 def connected(url: str, token: str | None) -> Iterator[Client]:
     """A client for the command; any client error becomes `error: ...` on stderr and a non-zero exit."""
+    for noisy in ("httpx", "httpcore"):  # request logs are for services; the CLI prints its own lines
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     client = Client(url, token or None, retries=2)
     try:
         yield client

@@ -25,10 +25,16 @@ def _expect() -> None:
 
 
 def make_job(
-    server: Server, name: str, loss: str = "minor_dpo", lr: float = 5e-6, *, running: bool = False
+    server: Server,
+    name: str,
+    loss: str = "minor_dpo",
+    lr: float = 5e-6,
+    *,
+    running: bool = False,
+    group: str | None = None,
 ) -> str:
     with server.db.write() as s:
-        job, _ = create_job(s, project="team-a", spec=spec(name, loss, lr, server.root))
+        job, _ = create_job(s, project="team-a", spec=spec(name, loss, lr, server.root), group_id=group)
         if running:
             transition(s, job.id, "running")
         return job.id
@@ -146,6 +152,23 @@ def test_compare_overlays_two_jobs(server: Server, page: Any) -> None:
     expect(legend.nth(1)).to_contain_text("loss minor_dpo, learning rate 0.000005")
     expect(page.locator(".u-legend")).to_contain_text("cmp-minor · minor_dpo · lr 5.00e-6")
     server.screenshot(page, "compare")
+
+
+def test_compare_a_sweep_group_by_its_link(server: Server, page: Any) -> None:
+    ids = [
+        make_job(server, f"grp-{i}", "sigmoid", 10.0**-i, running=True, group="sweep-x") for i in (4, 5, 6)
+    ]
+    make_job(server, "not-in-group", running=True)
+    for shift, job_id in enumerate(ids):
+        write_metrics(server, job_id, range(1, 11), shift=0.1 * shift)
+    page.goto(f"{server.url}/#/compare?group=sweep-x&metric=loss")  # the link `minordpo sweep` prints
+    expect(page.locator("#compare-group")).to_have_text("Group sweep-x")
+    chart = page.locator("figure[data-chart='compare']")
+    expect(chart).to_have_attribute("data-series", "3")
+    legend = page.locator("#compare-legend li")
+    expect(legend).to_have_count(3)
+    expect(page.locator("#compare-legend")).not_to_contain_text("not-in-group")
+    expect(page.locator("#compare-ids")).to_have_value(",".join(ids))  # oldest first
 
 
 def test_new_job_form_shows_field_errors_then_submits(server: Server, page: Any, console: Console) -> None:

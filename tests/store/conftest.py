@@ -16,6 +16,7 @@ from sqlalchemy.pool import NullPool
 from core.store import migrate
 from core.store.db import Database, make_engine, normalize_url
 from core.store.models import Base
+from tests.webhook_receiver import receiver  # noqa: F401 (fixture)
 
 PG_ADMIN_URL = os.environ.get(
     "MINORDPO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,44 +13,10 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from core.store import Database, add_checkpoint, create_job, list_events, transition
 from core.store.webhooks import list_deliveries
 from core.webhooks import master_secret, project_secret, sign, verify
+from tests.webhook_receiver import Receiver
 from workers.webhooks import WebhookSender
 
 MASTER = b"test-master-secret"
-
-
-@dataclass
-class Receiver:
-    """A local HTTP endpoint that answers with queued status codes (then 200) and records every request."""
-
-    statuses: list[int] = field(default_factory=list)
-    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    url: str = ""
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for _, body in self.requests]
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    state = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            body = self.rfile.read(int(self.headers["content-length"]))
-            state.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            self.send_response(state.statuses.pop(0) if state.statuses else 200)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
 
 
 def _job(db: Database, hooks: list[dict[str, Any]], project: str = "team-a") -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from core.spec import JobSpec
+from tests.webhook_receiver import receiver  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -133,10 +133,12 @@ def metric_steps(server: Server, job_id: str) -> list[int]:
     return [r["step"] for r in rows if r.get("loss") is not None]
 
 
-def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_file):
+def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_file, receiver):
+    from standardwebhooks.webhooks import Webhook
     from transformers import AutoModelForCausalLM
 
-    job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file))
+    body = {**job_body(tiny_model_dir, learnable_pairs_file), "webhooks": [{"url": receiver.url}]}
+    job_id = submit(server, body)
     job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL)
     assert job["status"] == "succeeded", job.get("error")
     assert job["progress"] == {"step": 6, "total_steps": 6}
@@ -145,6 +147,14 @@ def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_fil
     assert [c["step"] for c in ckpts] == [3]
     final = server.root / "var" / "artifacts" / "jobs" / job_id / "final"
     assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "llama"
+    # the server's dispatcher delivered the job's webhooks, signed with the project's secret
+    secret = httpx.get(f"{server.url}/v1/webhooks/secret", timeout=10).json()["secret"]
+    deadline = time.monotonic() + 15
+    while len(receiver.requests) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    payloads = [Webhook(secret).verify(body, headers) for headers, body in receiver.requests]
+    assert [p["type"] for p in payloads] == ["job.started", "job.checkpoint", "job.succeeded"]
+    assert payloads[-1]["data"]["metrics"]["loss"] == job["metrics"]["loss"]
 
 
 def test_second_job_waits_in_queue_then_runs(server, tiny_model_dir, learnable_pairs_file):
