@@ -1,0 +1,49 @@
+"""`RAY_ADDRESS`: the server joins an existing Ray cluster (its Jobs API, token auth on), runs a job there, and leaves it running."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving import pid_alive
+from tests.workers.service_helpers import TERMINAL, Server, job_body, metric_steps, submit, wait_for
+from workers.ray_control import start_local_head, stop_local_head
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_a_job_runs_on_an_existing_cluster_given_by_ray_address(
+    tmp_path: Path, tiny_model_dir: Path, learnable_pairs_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "someone else's" cluster: its own folder, its own token (the operator hands the token to the service)
+    cluster = tmp_path / "cluster"
+    cluster.mkdir()
+    token = cluster / "token"
+    token.write_text(secrets.token_hex(32))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    head = start_local_head(cluster / "ray-head.json", num_cpus=2)
+    server = Server(
+        tmp_path / "service", tiny_model_dir, learnable_pairs_file, RAY_ADDRESS=head.dashboard_url,
+        RAY_AUTH_TOKEN_PATH=str(token),
+    )  # fmt: skip
+    (tmp_path / "service").mkdir()
+    try:
+        server.start()
+        ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
+        assert ready["checks"]["ray"] == "ok"
+        assert not (server.root / "var" / "ray-head.json").exists(), "no local head when RAY_ADDRESS is set"
+        job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=3))
+        job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL)
+        assert job["status"] == "succeeded", job.get("error")
+        assert metric_steps(server, job_id) == [1, 2, 3]
+        too_big = submit(server, job_body(tiny_model_dir, learnable_pairs_file, num_workers=3))
+        failed = wait_for(server, too_big, lambda j: j["status"] in TERMINAL, timeout=30)
+        assert failed["error"]["code"] == "insufficient_resources"  # sized from the remote cluster's CPUs
+        server.stop()
+        assert pid_alive(head.pid), "the server must not stop a cluster it did not start"
+    finally:
+        server.stop()
+        stop_local_head(head, cluster / "ray-head.json")
