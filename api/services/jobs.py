@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.orm import Session, aliased
 
 from api.errors import ProblemError, not_found
 from api.services.auth import Principal
@@ -53,19 +53,23 @@ def dataset_lookup(db: Database, principal: Principal) -> DatasetLookup:
     return lookup
 
 
+_EARLIER = aliased(Job)
+_QUEUE_POSITIONS = select(
+    Job.id,
+    select(func.count())
+    .where(_EARLIER.status == JobStatus.QUEUED.value, _EARLIER.seq < Job.seq)
+    .scalar_subquery()
+    .label("ahead"),
+).where(Job.seq.in_(bindparam("seqs", expanding=True)))
+
+
 def _queue_positions(session: Session, jobs: Sequence[Job]) -> dict[str, int]:
-    queued = [j for j in jobs if j.status == JobStatus.QUEUED.value]
-    if not queued:
+    """1-based queue position of each queued job: an index range count on (status, seq) per job."""
+    seqs = [j.seq for j in jobs if j.status == JobStatus.QUEUED.value]
+    if not seqs:
         return {}
-    top = max(j.seq for j in queued)
-    ranked = (
-        select(Job.seq, func.row_number().over(order_by=Job.seq).label("pos"))
-        .where(Job.status == JobStatus.QUEUED.value, Job.seq <= top)
-        .subquery()
-    )
-    wanted = {j.seq: j.id for j in queued}
-    rows = session.execute(select(ranked.c.seq, ranked.c.pos).where(ranked.c.seq.in_(list(wanted)))).all()
-    return {wanted[seq]: int(pos) for seq, pos in rows}
+    rows = session.execute(_QUEUE_POSITIONS, {"seqs": seqs}).all()
+    return {job_id: int(ahead) + 1 for job_id, ahead in rows}
 
 
 def to_out(job: Job, queue_position: int | None = None) -> JobOut:
