@@ -93,4 +93,6 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = True, stream: A
     # Our middleware writes the access line; uvicorn's own would duplicate it. Alembic's plugin
     # set-up chatter is not news either.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    for chatty in ("httpx", "httpcore"):  # they log full request URLs (webhook URLs can hold credentials)
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: str = Field(
         "*", description="Comma-separated host patterns (fnmatch) that webhook URLs may point at"
     )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Let webhooks reach loopback/private/link-local addresses (off: no SSRF into the network)",
+    )
     webhook_max_attempts: int = Field(8, ge=1, le=100, description="Attempts per webhook delivery")
     webhook_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt")
     tokenizer_cache_size: int = Field(4, ge=0, description="Tokenizers kept in memory for /v1/jobs:validate")
@@ -64,6 +68,13 @@ class Settings(BaseSettings):
         else:
             roots = [Path.cwd(), self.artifacts_dir]
         return [r.expanduser().resolve() for r in roots]
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("MINORDPO_WEBHOOK_SECRET must be at least 32 characters")
+        return value
 
     def webhook_master_secret(self) -> bytes:
         """The master webhook secret: WEBHOOK_SECRET, else one generated once under the artifacts dir."""

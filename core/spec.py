@@ -210,6 +210,14 @@ class JobSpec(StrictModel):
     )
     webhooks: list[WebhookSpec] = Field(default_factory=list, max_length=10)
 
+    @field_validator("webhooks")
+    @classmethod
+    def _one_entry_per_url(cls, hooks: list[WebhookSpec]) -> list[WebhookSpec]:
+        urls = [h.url for h in hooks]
+        if len(set(urls)) != len(urls):
+            raise ValueError("each webhook URL may appear once (list all its events in one entry)")
+        return hooks
+
     @field_validator("model", mode="before")
     @classmethod
     def _model_from_string(cls, value: Any) -> Any:

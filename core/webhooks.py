@@ -39,18 +39,27 @@ def master_secret(configured: str | None, artifacts_dir: Path) -> bytes:
     if configured:
         return configured.encode()
     path = artifacts_dir / SECRET_FILE
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32).encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(value)
+    if not path.exists():
+        # written whole to a private temp file, then linked into place: readers never see a partial
+        # secret, and of two processes racing, the first link wins and both read that one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_urlsafe(32).encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    value = path.read_bytes().strip()
+    if len(value) < 32:
+        raise ValueError(
+            f"{path} holds no usable webhook secret (under 32 bytes): delete it or set MINORDPO_WEBHOOK_SECRET"
+        )
     return value
 
 

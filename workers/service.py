@@ -101,6 +101,7 @@ class DispatcherService:
             lambda project: project_secret(master, project),
             max_attempts=self.settings.webhook_max_attempts,
             backoff_s=self.settings.webhook_backoff_s,
+            allow_private=self.settings.webhook_allow_private,
         )
         self._webhook_thread = threading.Thread(
             target=self.webhooks.run,

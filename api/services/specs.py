@@ -9,6 +9,7 @@ from fnmatch import fnmatch
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import ValidationError
 
 from api.errors import ProblemError, pydantic_errors, summary
@@ -111,7 +112,12 @@ def webhook_host_errors(spec: JobSpec, settings: Settings) -> list[dict[str, str
     patterns = [p.strip().lower() for p in settings.webhook_allowed_hosts.split(",") if p.strip()]
     errors = []
     for index, hook in enumerate(spec.webhooks):
-        host = (urlsplit(hook.url).hostname or "").lower()
+        try:
+            host = (urlsplit(hook.url).hostname or "").lower()
+            httpx.URL(hook.url)
+        except (ValueError, httpx.InvalidURL) as exc:
+            errors.append({"loc": f"webhooks.{index}.url", "msg": f"not a usable URL: {exc}"})
+            continue
         if not any(fnmatch(host, pattern) for pattern in patterns):
             errors.append(
                 {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, aliased
 
+from core.spec import WEBHOOK_EVENTS
 from core.store.models import Job, JobEvent, WebhookDelivery, utcnow
 from core.webhooks import webhook_type
 
@@ -36,26 +38,28 @@ def enqueue_for_event(session: Session, job: Job, event: JobEvent) -> int:
             "error": job.error,
             "progress": {"step": job.step or 0, "total_steps": job.total_steps},
             "metrics": job.latest_metrics,
-            "checkpoint": event.data if event.kind == "checkpoint" else None,
+            "checkpoint": {"step": event.data.get("step")}
+            if event.kind == "checkpoint" and event.data
+            else None,
         },
     }
-    count = 0
-    for hook in hooks:
-        if kind in hook.get("events", ()):
-            session.add(
-                WebhookDelivery(
-                    job_id=job.id,
-                    event_seq=event.seq,
-                    event_type=kind,
-                    url=hook["url"],
-                    payload=payload,
-                    status="pending",
-                    attempts=0,
-                    next_attempt_at=event.created_at,
-                    created_at=event.created_at,
-                )
+    wanted = [h["url"] for h in hooks if kind in h.get("events", WEBHOOK_EVENTS)]
+    urls = list(dict.fromkeys(wanted))  # one delivery per URL, even if a stored spec lists it twice
+    for url in urls:
+        session.add(
+            WebhookDelivery(
+                job_id=job.id,
+                event_seq=event.seq,
+                event_type=kind,
+                url=url,
+                payload=payload,
+                status="pending",
+                attempts=0,
+                next_attempt_at=event.created_at,
+                created_at=event.created_at,
             )
-            count += 1
+        )
+    count = len(urls)
     if count:
         session.flush()
     return count
@@ -73,6 +77,7 @@ class DueDelivery:
     url: str
     payload: dict[str, Any]
     attempts: int
+    claim_token: str = ""
 
     @property
     def message_id(self) -> str:
@@ -110,8 +115,10 @@ def claim_due(
         .with_for_update(skip_locked=True, of=WebhookDelivery)
     ).all()
     claimed = []
+    token = secrets.token_hex(8)
     for row, project in rows:
         row.next_attempt_at = now + timedelta(seconds=lease_s)
+        row.claim_token = token
         claimed.append(
             DueDelivery(
                 row.id,
@@ -122,35 +129,41 @@ def claim_due(
                 row.url,
                 dict(row.payload),
                 row.attempts,
+                token,
             )
         )
     session.flush()
     return claimed
 
 
-def record_success(session: Session, delivery_id: int) -> bool:
-    """Mark a delivery delivered (it is never sent again); returns whether it was still pending."""
+def _mine(item: DueDelivery) -> Any:
+    """Rows still pending and still claimed by this sender (a lapsed lease re-claimed elsewhere is not ours)."""
+    return (
+        (WebhookDelivery.id == item.id)
+        & (WebhookDelivery.status == "pending")
+        & (WebhookDelivery.claim_token == item.claim_token)
+    )
+
+
+def record_success(session: Session, item: DueDelivery) -> bool:
+    """Mark a delivery delivered (never sent again); False if it was no longer this sender's claim."""
     now = utcnow()
     result = session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending")
+        .where(_mine(item))
         .values(status="delivered", attempts=WebhookDelivery.attempts + 1, delivered_at=now, last_error=None)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def record_failure(session: Session, delivery_id: int, error: str, *, retry_at: datetime | None) -> bool:
+def record_failure(session: Session, item: DueDelivery, error: str, *, retry_at: datetime | None) -> bool:
     """Count a failed attempt; retry at `retry_at`, or give up (status failed) when it is None."""
     values: dict[str, Any] = {"attempts": WebhookDelivery.attempts + 1, "last_error": error[:2000]}
     if retry_at is None:
         values["status"] = "failed"
     else:
         values["next_attempt_at"] = retry_at
-    result = session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending")
-        .values(**values)
-    )
+    result = session.execute(update(WebhookDelivery).where(_mine(item)).values(**values))
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 

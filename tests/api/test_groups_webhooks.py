@@ -54,6 +54,17 @@ def test_webhooks_are_validated(client: TestClient, spec: dict[str, Any]) -> Non
     assert {"webhooks.0.url", "webhooks.0.events.0"} <= locs
 
 
+def test_duplicate_and_unparsable_webhook_urls_are_field_errors(
+    client: TestClient, spec: dict[str, Any]
+) -> None:
+    twice = [{"url": "https://a.example/h", "events": ["job.started"]}, {"url": "https://a.example/h"}]
+    r = client.post("/v1/jobs", json={**spec, "webhooks": twice}, headers=auth())
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == "webhooks"
+    broken = client.post("/v1/jobs", json={**spec, "webhooks": [{"url": "http://[::1/x"}]}, headers=auth())
+    assert broken.status_code == 422, broken.text
+    assert broken.json()["errors"][0]["loc"] == "webhooks.0.url"
+
+
 def test_webhook_hosts_outside_the_allow_list_are_refused(
     make_settings: Callable[..., Settings], spec: dict[str, Any]
 ) -> None:

@@ -11,8 +11,9 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from core.store import Database, add_checkpoint, create_job, list_events, transition
-from core.store.webhooks import list_deliveries
+from core.store.webhooks import claim_due, list_deliveries, record_success
 from core.webhooks import master_secret, project_secret, sign, verify
+from tests.serving import free_port
 from tests.webhook_receiver import Receiver
 from workers.webhooks import WebhookSender
 
@@ -27,6 +28,7 @@ def _job(db: Database, hooks: list[dict[str, Any]], project: str = "team-a") -> 
 
 
 def _sender(db: Database, **kwargs: Any) -> WebhookSender:
+    kwargs.setdefault("allow_private", True)  # the receiver listens on 127.0.0.1
     return WebhookSender(db, lambda project: project_secret(MASTER, project), backoff_s=0.05, **kwargs)
 
 
@@ -71,7 +73,7 @@ def test_signed_deliveries_retry_after_a_500_and_are_never_repeated(db: Database
 
     done = receiver.bodies()[-1]["data"]
     assert done["status"] == "succeeded" and done["group"] == "sweep-1" and done["project"] == "team-a"
-    assert receiver.bodies()[2]["data"]["checkpoint"] == {"step": 10, "path": "/ckpt/10"}
+    assert receiver.bodies()[2]["data"]["checkpoint"] == {"step": 10}  # no server paths leave the service
 
     for _ in range(3):  # nothing is due any more: no repeats after success
         assert sender.tick() == 0
@@ -121,14 +123,68 @@ def test_gives_up_after_max_attempts_and_says_so(db: Database, receiver: Receive
     assert outcomes == ["retrying", "failed"]
 
 
-def test_an_unreachable_receiver_is_retried(db: Database, receiver: Receiver) -> None:
-    job_id = _job(db, [{"url": "http://127.0.0.1:9/nothing", "events": ["job.started"]}])
+def test_an_unreachable_receiver_is_retried_then_given_up(db: Database) -> None:
+    job_id = _job(db, [{"url": f"http://127.0.0.1:{free_port()}/nothing", "events": ["job.started"]}])
     with db.write() as s:
         transition(s, job_id, "running")
     _drain(_sender(db, max_attempts=2, timeout_s=2.0), db, job_id)
     with db.read() as s:
         [delivery] = list_deliveries(s, job_id)
-    assert delivery.status == "failed" and "ConnectError" in (delivery.last_error or "")
+        outcomes = [e.data["outcome"] for e in list_events(s, job_id) if e.kind == "webhook"]
+    assert (delivery.status, delivery.attempts, delivery.last_error) == ("failed", 2, "connection failed")
+    assert outcomes == ["retrying", "failed"]
+
+
+def test_private_addresses_are_refused_unless_allowed(db: Database, receiver: Receiver) -> None:
+    job_id = _job(db, [{"url": receiver.url, "events": ["job.started"]}])
+    with db.write() as s:
+        transition(s, job_id, "running")
+    _drain(_sender(db, max_attempts=1, allow_private=False), db, job_id)
+    assert receiver.requests == []
+    with db.read() as s:
+        [delivery] = list_deliveries(s, job_id)
+    assert delivery.status == "failed" and "private address" in (delivery.last_error or "")
+
+
+def test_a_malformed_url_does_not_stall_other_deliveries(db: Database, receiver: Receiver) -> None:
+    bad = _job(db, [{"url": "http://a..b:port/x", "events": ["job.started"]}])
+    good = _job(db, [{"url": receiver.url, "events": ["job.started"]}])
+    for job_id in (bad, good):
+        with db.write() as s:
+            transition(s, job_id, "running")
+    sender = _sender(db, max_attempts=2)
+    _drain(sender, db, good)
+    _drain(sender, db, bad)
+    assert [b["data"]["job_id"] for b in receiver.bodies()] == [good]
+    with db.read() as s:
+        assert list_deliveries(s, bad)[0].status == "failed"
+
+
+def test_duplicate_urls_in_a_stored_spec_queue_one_delivery(db: Database) -> None:
+    job_id = _job(
+        db, [{"url": "https://h.example/x", "events": ["job.started"]}, {"url": "https://h.example/x"}]
+    )
+    with db.write() as s:
+        assert transition(s, job_id, "running")  # no unique-constraint failure blocks the start
+    with db.read() as s:
+        assert [d.event_type for d in list_deliveries(s, job_id)] == ["job.started"]
+
+
+def test_a_sender_whose_lease_lapsed_cannot_record(db: Database) -> None:
+    job_id = _job(db, [{"url": "https://h.example/x", "events": ["job.started"]}])
+    with db.write() as s:
+        transition(s, job_id, "running")
+    with db.write() as s:
+        [first] = claim_due(s, lease_s=0.0)  # lease already over
+    with db.write() as s:
+        [second] = claim_due(s, lease_s=60.0)  # another sender takes it
+    assert first.id == second.id and first.claim_token != second.claim_token
+    with db.write() as s:
+        assert not record_success(s, first)  # the late sender's outcome is ignored
+        assert record_success(s, second)
+    with db.read() as s:
+        [delivery] = list_deliveries(s, job_id)
+    assert (delivery.status, delivery.attempts) == ("delivered", 1)
 
 
 def test_signature_round_trip_and_tampering() -> None:
@@ -152,3 +208,6 @@ def test_generated_master_secret_is_created_once_and_private(tmp_path: Path) -> 
     assert master_secret(None, tmp_path) == first and len(first) >= 32
     assert os.stat(tmp_path / "webhook-secret").st_mode & 0o777 == 0o600
     assert master_secret("configured", tmp_path) == b"configured"
+    (tmp_path / "webhook-secret").write_bytes(b"")  # e.g. a crash while writing: refuse, never sign with it
+    with pytest.raises(ValueError, match="no usable webhook secret"):
+        master_secret(None, tmp_path)

@@ -38,6 +38,7 @@ class Server:
             MINORDPO_RAY_NUM_CPUS="2",
             MINORDPO_MAX_CONCURRENT_JOBS="1",
             MINORDPO_DISPATCH_INTERVAL_S="0.5",
+            MINORDPO_WEBHOOK_ALLOW_PRIVATE="true",  # the tests' webhook receiver is on loopback
             PYTHONPATH=str(REPO),
         )
         self.env.update(env)
