@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.connection import DEFAULT, TokenOption, UrlOption, connected
@@ -41,6 +42,7 @@ def upload_local_data(client: Client, spec: dict[str, Any]) -> None:
             err.print(
                 f"uploaded {value} as {uploaded.id} ({uploaded.report.rows_valid if uploaded.report else '?'} rows)",
                 highlight=False,
+                markup=False,
             )
             dataset[field] = uploaded.id
 
@@ -76,8 +78,10 @@ def register(app: typer.Typer) -> None:
             if upload:
                 upload_local_data(client, spec)
             job = client.create_job(spec, idempotency_key=idempotency_key)
-            err.print(f"queued {job.name} as {job.id}: {client.url}/#/jobs/{job.id}", highlight=False)
-            out.print(job.id, highlight=False)
+            err.print(
+                f"queued {job.name} as {job.id}: {client.url}/#/jobs/{job.id}", highlight=False, markup=False
+            )
+            out.print(job.id, highlight=False, markup=False)
             if wait:
                 raise typer.Exit(report_end(follow(client, job.id)))
 
@@ -105,7 +109,7 @@ def register(app: typer.Typer) -> None:
         for job in page.data:
             table.add_row(
                 job.id,
-                job.name,
+                escape(job.name),
                 job.status,
                 _progress(job),
                 _metric(job, "loss"),
@@ -146,7 +150,7 @@ def register(app: typer.Typer) -> None:
         rows += [(name, _metric(job, name)) for name in SUMMARY_METRICS if name in (job.metrics or {})]
         for key, value in rows:
             if value:
-                table.add_row(f"[bold]{key}[/bold]", value)
+                table.add_row(f"[bold]{key}[/bold]", escape(value))
         out.print(table)
 
     @app.command("cancel")
@@ -159,7 +163,7 @@ def register(app: typer.Typer) -> None:
         with connected(url, token) as client:
             job = client.cancel_job(job_id)
         state = "cancel requested" if job.cancel_requested and job.status == "running" else job.status
-        out.print(f"{job.id} {state}", highlight=False)
+        out.print(f"{job.id} {state}", highlight=False, markup=False)
 
     @app.command("events")
     def events_cmd(
@@ -182,6 +186,7 @@ def register(app: typer.Typer) -> None:
                     out.print(
                         f"{event.seq:>4} {event.time:%H:%M:%S} {event.kind:<16} {event.message}",
                         highlight=False,
+                        markup=False,
                     )
             if follow_:
                 step = client.get_job(job_id).progress.step  # metric rows are not events: start after them
@@ -189,16 +194,13 @@ def register(app: typer.Typer) -> None:
                     if message.type == "metrics":
                         continue
                     if as_json:
-                        out.print(
-                            json.dumps({"type": message.type, **message.data}),
-                            highlight=False,
-                            soft_wrap=True,
-                        )
+                        typer.echo(json.dumps({"type": message.type, **message.data}))
                     else:
                         kind = message.data.get("kind") or message.type
                         out.print(
                             f"{message.data.get('seq', ''):>4} {kind:<16} {message.data.get('message', '')}",
                             highlight=False,
+                            markup=False,
                         )
 
     @app.command("metrics")

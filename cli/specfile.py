@@ -60,6 +60,8 @@ def read_spec_dict(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecFileError(f"cannot read spec {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecFileError(f"{path} is not UTF-8 text (byte {exc.start})") from exc
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:

@@ -20,7 +20,8 @@ from cli.jobs import SUMMARY_METRICS, SetOption, load_spec_dict, upload_local_da
 from cli.output import err, out
 from cli.specfile import SpecFileError, parse_value, set_path
 from core.schemas import JobOut
-from minordpo_client import Client
+from core.spec import JobSpec
+from minordpo_client import Client, ClientError
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -77,10 +78,12 @@ def wait_all(client: Client, jobs: list[JobOut], poll_s: float = 2.0) -> list[Jo
     ) as progress:
         tasks = {j.id: progress.add_task(j.name, total=j.progress.total_steps, status=j.status) for j in jobs}
         while len(final) < len(jobs):
+            group = jobs[0].group
+            current = {j.id: j for j in client.iter_jobs(group=group)} if group else {}
             for job in jobs:
                 if job.id in final:
                     continue
-                now = client.get_job(job.id)
+                now = current.get(job.id) or client.get_job(job.id)
                 progress.update(
                     tasks[job.id],
                     completed=now.progress.step,
@@ -135,13 +138,29 @@ def register(app: typer.Typer) -> None:
             if upload:
                 upload_local_data(client, base)
             combos = expand(base, axes)
-            jobs = []
-            for index, (spec, chosen) in enumerate(combos):
+            for spec, chosen in combos:  # every combination is checked before the first is submitted
                 spec.update(name=job_name(str(base.get("name", "sweep")), chosen), group=group_id)
-                jobs.append(client.create_job(spec, idempotency_key=f"sweep:{group_id}:{index}"))
-                err.print(f"queued {jobs[-1].id} {jobs[-1].name}", highlight=False)
-            out.print(f"group {group_id}: {len(jobs)} jobs", highlight=False)
-            out.print(f"compare: {client.url}/#/compare?group={group_id}", highlight=False, soft_wrap=True)
+                JobSpec.model_validate(spec)
+            jobs = []
+            for index, (spec, _chosen) in enumerate(combos):
+                try:
+                    jobs.append(client.create_job(spec, idempotency_key=f"sweep:{group_id}:{index}"))
+                except ClientError:
+                    err.print(
+                        f"submitted {len(jobs)} of {len(combos)} jobs of group {group_id}; "
+                        f"rerun with --group {group_id} to finish (queued jobs are not duplicated)",
+                        highlight=False,
+                        markup=False,
+                    )
+                    raise
+                err.print(f"queued {jobs[-1].id} {jobs[-1].name}", highlight=False, markup=False)
+            out.print(f"group {group_id}: {len(jobs)} jobs", highlight=False, markup=False)
+            out.print(
+                f"compare: {client.url}/#/compare?group={group_id}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
             if not wait:
                 return
             final = wait_all(client, jobs)

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cli.connection import DEFAULT, TokenOption, UrlOption, connected
@@ -53,16 +54,18 @@ class JobProgress:
             self.progress.update(self.task, **update)
         elif message.type == "status":
             self.progress.console.print(
-                f"[bold]{data.get('status')}[/bold] {data.get('message', '')}", highlight=False
+                f"[bold]{data.get('status')}[/bold] {escape(str(data.get('message', '')))}", highlight=False
             )
             if data.get("error"):
                 error = data["error"]
                 self.progress.console.print(
-                    f"[red]{error.get('code')}: {error.get('message')}[/red]", highlight=False
+                    f"[red]{escape(str(error.get('code')))}: {escape(str(error.get('message')))}[/red]",
+                    highlight=False,
                 )
         elif message.type == "event":
             self.progress.console.print(
-                f"[dim]{data.get('kind')}[/dim] {data.get('message', '')}", highlight=False
+                f"[dim]{escape(str(data.get('kind')))}[/dim] {escape(str(data.get('message', '')))}",
+                highlight=False,
             )
 
 
@@ -96,7 +99,10 @@ def report_end(job: JobOut) -> int:
     if job.status == "succeeded":
         err.print(f"[green]succeeded[/green] {job.id} at step {job.progress.step}", highlight=False)
     elif job.error is not None:
-        err.print(f"[red]{job.status}[/red] {job.id}: {job.error.code}: {job.error.message}", highlight=False)
+        err.print(
+            f"[red]{job.status}[/red] {job.id}: {escape(job.error.code)}: {escape(job.error.message)}",
+            highlight=False,
+        )
     else:
         err.print(f"[yellow]{job.status}[/yellow] {job.id}", highlight=False)
     return EXIT_CODES.get(job.status, 1)

@@ -28,7 +28,7 @@ from core.schemas import (
     WebhookSecretOut,
 )
 from core.spec import JobSpec
-from minordpo_client.errors import ApiError, ServerUnreachableError, WaitTimeoutError
+from minordpo_client.errors import ApiError, ClientError, ServerUnreachableError, WaitTimeoutError
 from minordpo_client.sse import StreamMessage, parse_sse, to_message
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -69,6 +69,8 @@ class Client:
         backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
         self.url = (url or os.environ.get("MINORDPO_URL") or DEFAULT_URL).rstrip("/")
         token = token if token is not None else os.environ.get("MINORDPO_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -102,6 +104,8 @@ class Client:
             try:
                 body = {"content": content()} if content is not None else {}
                 response = self._http.request(method, path, **body, **kwargs)
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
+                raise ClientError(f"bad server URL {self.url!r}: {exc}") from exc
             except httpx.TransportError as exc:
                 if last:
                     raise ServerUnreachableError(
@@ -280,6 +284,8 @@ class Client:
                 ) as response:
                     if response.status_code == 204:
                         return
+                    if response.status_code in RETRY_STATUSES:
+                        raise httpx.ReadError(f"HTTP {response.status_code}")  # a restart: retry like a drop
                     if response.status_code >= 400:
                         response.read()
                         raise ApiError.from_response(response)
@@ -327,11 +333,12 @@ class Client:
                 if message.is_terminal_status:
                     return self.get_job(job_id)
                 if deadline is not None and time.monotonic() > deadline:
-                    raise WaitTimeoutError(f"job {job_id} still {job.status} after {timeout:g} s")
+                    status = self.get_job(job_id).status
+                    raise WaitTimeoutError(f"job {job_id} still {status} after {timeout:g} s")
         except ServerUnreachableError:
-            pass
+            pass  # the stream is gone for now: poll instead
         while (job := self.get_job(job_id)).status not in TERMINAL:
             if deadline is not None and time.monotonic() > deadline:
                 raise WaitTimeoutError(f"job {job_id} still {job.status} after {timeout:g} s")
-            time.sleep(2.0)
+            time.sleep(2.0 if deadline is None else max(0.0, min(2.0, deadline - time.monotonic())))
         return job

@@ -32,7 +32,7 @@ def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str | None, str | None, in
         if not line:
             if data:
                 yield event_id, "\n".join(data), retry
-            data, retry = [], None
+            data = []  # the retry hint persists: the server sends it in a block of its own
             continue
         if line.startswith(":"):
             yield event_id, None, None

@@ -64,7 +64,7 @@ def test_submit_a_bad_spec_names_the_field(run, spec_file: Path) -> None:
 
 def test_submit_refused_by_the_server_is_one_line(run, spec_file: Path, tmp_path: Path) -> None:
     result = run("submit", str(spec_file), "--set", f"model={tmp_path.parent.parent}")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # the server refused the input (422)
     assert result.stderr.startswith("error: model.path") and result.stderr.count("\n") == 1
 
 
@@ -173,3 +173,28 @@ def test_sweep_submits_the_grid_as_one_group(run, spec_file: Path, client: Clien
 def test_sweep_grid_errors(run, spec_file: Path) -> None:
     result = run("sweep", str(spec_file), "--grid", "loss.type")
     assert result.exit_code == 2 and "KEY=V1,V2" in result.stderr
+
+
+def test_bad_input_never_prints_a_traceback(run, tmp_path: Path) -> None:
+    bogus = run("list", "--status", "bogus")
+    assert bogus.exit_code == 2 and bogus.stderr.startswith("error: ") and bogus.stderr.count("\n") == 1
+    missing = run("submit", str(tmp_path / "nope.yaml"))
+    assert missing.exit_code == 2 and "cannot read spec" in missing.stderr
+    binary = tmp_path / "spec.yaml"
+    binary.write_bytes(b"\xff\xfe\x00name: x")
+    not_text = run("submit", str(binary))
+    assert not_text.exit_code == 2 and "not UTF-8" in not_text.stderr
+    no_scheme = run("list", "--url", "localhost:8000")
+    assert no_scheme.exit_code == 1 and "bad server URL" in no_scheme.stderr
+    for result in (bogus, missing, not_text, no_scheme):
+        assert "Traceback" not in result.output
+
+
+def test_server_text_is_printed_literally(run, live_server: LiveServer, client: Client) -> None:
+    from core.store import append_event
+
+    job = client.create_job(live_server.spec("brackets"))
+    with live_server.db.write() as s:
+        append_event(s, job.id, "warning", "see [/data/x.jsonl] on [bold]rank 0[/bold]")
+    result = run("events", job.id)
+    assert result.exit_code == 0 and "see [/data/x.jsonl] on [bold]rank 0[/bold]" in result.stdout

@@ -120,3 +120,22 @@ def test_retries_5xx_then_gives_up_clearly() -> None:
     down = Client(f"http://127.0.0.1:{free_port()}", retries=1, backoff=0.01)
     with down, pytest.raises(ServerUnreachableError, match="cannot reach"):
         down.health()
+
+
+def test_a_retried_create_keeps_its_idempotency_key_and_4xx_is_not_retried() -> None:
+    keys: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["idempotency-key"])
+        if len(keys) < 3:
+            return httpx.Response(503, headers={"retry-after": "0"}, json={"detail": "restarting"})
+        return httpx.Response(
+            422, json={"detail": "model.path: not allowed", "errors": [{"loc": "model.path"}]}
+        )
+
+    spec = {"name": "k", "model": "/m", "dataset": {"train": "/d.jsonl"}}
+    client = Client("http://svc", retries=5, backoff=0.01, transport=httpx.MockTransport(server))
+    with client, pytest.raises(ApiError) as refused:
+        client.create_job(spec)
+    assert len(keys) == 3 and len(set(keys)) == 1  # two 503s retried with the same key, the 422 sent once
+    assert refused.value.status == 422 and refused.value.errors == [{"loc": "model.path"}]
