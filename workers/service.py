@@ -96,6 +96,12 @@ class DispatcherService:
     def start_webhooks(self) -> None:
         """Start the webhook sender thread (deliveries are owed by whichever process dispatches)."""
         master = self.settings.webhook_master_secret()
+        if self.settings.webhook_secret is None:
+            log.warning(
+                "webhook signing uses the secret generated in %s; every api and dispatcher host must share it "
+                "(or set MINORDPO_WEBHOOK_SECRET)",
+                self.settings.artifacts_dir / "webhook-secret",
+            )
         self.webhooks = WebhookSender(
             self.db,
             lambda project: project_secret(master, project),
