@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray reads its auth mode once per process (when its config first loads, e.g. on `import ray.train`),
+# while clusters started later read it from their environment. workers.ray_control sets it on import,
+# which in the test process may come after a test module imported Ray: set it first, as serve does.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"  # CI clones the repo next to shared/

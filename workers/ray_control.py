@@ -89,6 +89,14 @@ def ensure_auth_token(folder: Path) -> None:
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_hex(32))
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    reload_auth_token()
+
+
+def reload_auth_token() -> None:
+    """Make this process re-read Ray's token (Ray caches the first one it loads) after the token source changed."""
+    from ray._raylet import AuthenticationTokenLoader  # Ray 2.60; the cache is per process
+
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def start_local_head(state_file: Path, *, num_cpus: int | None = None, timeout_s: float = 180.0) -> LocalHead:

@@ -198,3 +198,20 @@ def test_server_text_is_printed_literally(run, live_server: LiveServer, client: 
         append_event(s, job.id, "warning", "see [/data/x.jsonl] on [bold]rank 0[/bold]")
     result = run("events", job.id)
     assert result.exit_code == 0 and "see [/data/x.jsonl] on [bold]rank 0[/bold]" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["status", "cancel", "events", "metrics", "watch"])
+def test_an_unknown_job_is_one_line(run, command: str) -> None:
+    result = run(command, "job_doesnotexist")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and "job_doesnotexist" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_dispatcher_refuses_an_out_of_date_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINORDPO_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["dispatcher"])
+    assert result.exit_code == 2 and "minordpo db upgrade" in result.output

@@ -81,3 +81,12 @@ def test_missing_model_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["train", str(spec)])
     assert result.exit_code == 2
     assert "cannot load tokenizer" in result.output
+
+
+def test_make_tiny_model_with_a_missing_tokenizer_is_one_line(tmp_path):
+    result = CliRunner().invoke(
+        app, ["make-tiny-model", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "nope")]
+    )
+    assert result.exit_code == 2
+    assert "no tokenizer at" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m" / "config.json").exists()
