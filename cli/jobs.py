@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.connection import DEFAULT, TokenOption, UrlOption, connected
-from cli.output import err, out
+from cli.output import err, number, out
 from cli.specfile import apply_overrides, read_spec_dict
 from cli.watch import follow, report_end
 from core.schemas import JobOut
@@ -48,8 +48,7 @@ def upload_local_data(client: Client, spec: dict[str, Any]) -> None:
 
 
 def _metric(job: JobOut, name: str) -> str:
-    value = (job.metrics or {}).get(name)
-    return f"{value:.4g}" if isinstance(value, int | float) else "-"
+    return number((job.metrics or {}).get(name))
 
 
 def _progress(job: JobOut) -> str:
@@ -230,6 +229,6 @@ def register(app: typer.Typer) -> None:
         for row in series.data:
             table.add_row(
                 str(row["step"]),
-                *(f"{row[c]:.4g}" if isinstance(row.get(c), int | float) else "-" for c in columns),
+                *(number(row.get(c)) for c in columns),
             )
         out.print(table)

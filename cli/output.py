@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -11,6 +13,13 @@ from rich.markup import escape
 # Piped output (scripts, CI logs) gets wide lines instead of Rich's 80-column default, so ids stay whole.
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def number(value: Any) -> str:
+    """A metric for a table cell: 4 significant digits, `-` for missing or non-finite values."""
+    if isinstance(value, int | float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return "-"
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -17,13 +17,12 @@ from rich.table import Table
 
 from cli.connection import DEFAULT, TokenOption, UrlOption, connected
 from cli.jobs import SUMMARY_METRICS, SetOption, load_spec_dict, upload_local_data
-from cli.output import err, out
+from cli.output import err, number, out
 from cli.specfile import SpecFileError, parse_value, set_path
 from core.schemas import JobOut
 from core.spec import JobSpec
 from minordpo_client import Client, ClientError
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
+from minordpo_client.client import TERMINAL
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
@@ -102,9 +101,7 @@ def summary_table(jobs: list[JobOut], grid_keys: list[str], chosen: list[dict[st
     table = Table("job", *grid_keys, "status", "step", *SUMMARY_METRICS)
     for job, values in zip(jobs, chosen, strict=True):
         metrics = job.metrics or {}
-        cells = [
-            f"{metrics[m]:.4g}" if isinstance(metrics.get(m), int | float) else "-" for m in SUMMARY_METRICS
-        ]
+        cells = [number(metrics.get(m)) for m in SUMMARY_METRICS]
         table.add_row(
             job.id, *(str(values[k]) for k in grid_keys), job.status, str(job.progress.step), *cells
         )

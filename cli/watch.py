@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import typer
@@ -10,17 +9,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cli.connection import DEFAULT, TokenOption, UrlOption, connected
-from cli.output import err
+from cli.output import err, number
 from core.schemas import JobOut
 from minordpo_client import Client, StreamMessage
 
 EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 1}
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, int | float) and math.isfinite(value):
-        return f"{value:.4g}"
-    return "-"
 
 
 class JobProgress:
@@ -40,7 +33,7 @@ class JobProgress:
     @staticmethod
     def _stats(values: dict[str, Any] | None) -> str:
         values = values or {}
-        return f"loss {_fmt(values.get('loss'))}  acc {_fmt(values.get('rewards/accuracies'))}"
+        return f"loss {number(values.get('loss'))}  acc {number(values.get('rewards/accuracies'))}"
 
     def __call__(self, message: StreamMessage) -> None:
         data = message.data

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -35,6 +35,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 SpecLike = JobSpec | Mapping[str, Any]
+Item = TypeVar("Item")
 
 
 def spec_body(spec: SpecLike) -> dict[str, Any]:
@@ -49,6 +50,15 @@ def _chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
     with path.open("rb") as handle:
         while chunk := handle.read(size):
             yield chunk
+
+
+def _follow_pages(fetch: Callable[[Any], tuple[list[Item], Any]], cursor: Any) -> Iterator[Item]:
+    """Yield every item of a cursor-paginated listing: `fetch(cursor)` gives (items, next cursor or None)."""
+    while True:
+        items, cursor = fetch(cursor)
+        yield from items
+        if cursor is None or not items:
+            return
 
 
 class Client:
@@ -166,13 +176,12 @@ class Client:
         self, *, status: str | None = None, group: str | None = None, page_size: int = 100
     ) -> Iterator[JobOut]:
         """Every matching job once, newest first, following `next_cursor` page by page."""
-        after = None
-        while True:
-            page = self.list_jobs(status=status, group=group, limit=page_size, after=after)
-            yield from page.data
-            if page.next_cursor is None:
-                return
-            after = page.next_cursor
+
+        def page(after: str | None) -> tuple[list[JobOut], str | None]:
+            got = self.list_jobs(status=status, group=group, limit=page_size, after=after)
+            return got.data, got.next_cursor
+
+        return _follow_pages(page, None)
 
     def get_job(self, job_id: str) -> JobOut:
         return JobOut.model_validate(self._get(f"/v1/jobs/{job_id}"))
@@ -204,13 +213,12 @@ class Client:
 
     def iter_metrics(self, job_id: str, *, names: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Every stored metric row of a job, in step order, page by page."""
-        after = None
-        while True:
-            page = self.metrics(job_id, names=names, after_step=after)
-            yield from page.data
-            if page.next_after_step is None or not page.data:
-                return
-            after = page.next_after_step
+
+        def page(after: int | None) -> tuple[list[dict[str, Any]], int | None]:
+            got = self.metrics(job_id, names=names, after_step=after)
+            return got.data, got.next_after_step
+
+        return _follow_pages(page, None)
 
     def checkpoints(self, job_id: str) -> CheckpointList:
         return CheckpointList.model_validate(self._get(f"/v1/jobs/{job_id}/checkpoints"))
@@ -227,13 +235,12 @@ class Client:
 
     def iter_stored_events(self, job_id: str) -> Iterator[EventOut]:
         """Every stored event of a job, oldest first, page by page."""
-        after = 0
-        while True:
-            page = self.list_events(job_id, after=after)
-            yield from page.data
-            if page.next_after is None:
-                return
-            after = page.next_after
+
+        def page(after: int | None) -> tuple[list[EventOut], int | None]:
+            got = self.list_events(job_id, after=after or 0)
+            return got.data, got.next_after
+
+        return _follow_pages(page, None)
 
     # -- datasets, webhooks ----------------------------------------------------------------------
 
