@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -231,6 +232,43 @@ async def load(base: str, paths: list[str], clients: int, per_client: int) -> di
     }  # fmt: skip
 
 
+WRK_SCRIPT = """
+local paths = {%(paths)s}
+setup = function(thread) math.randomseed(%(seed)d) end
+request = function()
+  return wrk.format("GET", paths[math.random(#paths)], {["Authorization"] = "Bearer %(token)s"})
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"n": %%d, "p50_us": %%d, "p99_us": %%d, "mean_us": %%f, "max_us": %%d, "duration_us": %%d, '
+    .. '"non2xx": %%d, "socket_errors": %%d}\\n',
+    summary.requests, latency:percentile(50), latency:percentile(99), latency.mean, latency.max,
+    summary.duration, e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def load_wrk(base: str, paths: list[str], clients: int, seconds: int, tmp: Path) -> dict[str, float]:
+    """`clients` closed-loop connections of wrk (C, one thread) for `seconds` over random `paths`."""
+    script = tmp / "paths.lua"
+    quoted = ",".join(json.dumps(p) for p in paths)
+    script.write_text(WRK_SCRIPT % {"paths": quoted, "seed": random.randrange(1 << 30), "token": TOKEN})
+    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script), base]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next((x for x in out.splitlines() if x.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    w = json.loads(line.removeprefix("WRK_JSON "))
+    if w["non2xx"] or w["socket_errors"] > w["n"] // 100:
+        raise RuntimeError(f"wrk saw {w['non2xx']} non-2xx answers and {w['socket_errors']} socket errors")
+    return {
+        "n": w["n"], "clients": clients, "p50_ms": w["p50_us"] / 1000, "p99_ms": w["p99_us"] / 1000,
+        "mean_ms": w["mean_us"] / 1000, "max_ms": w["max_us"] / 1000,
+        "req_s": w["n"] / (w["duration_us"] / 1e6), "errors": w["socket_errors"],
+    }  # fmt: skip
+
+
 def profile(pid: int, seconds: int, dest: Path) -> subprocess.Popen[bytes] | None:
     """Start `py-spy record` (collapsed stacks) on the server, or None when py-spy is missing."""
     spy = Path(sys.executable).parent / "py-spy"
@@ -277,7 +315,10 @@ def run_backend(backend: str, args: argparse.Namespace, stamp: str) -> dict[str,
             for name, paths, clients, per_client in phases:
                 if args.profile and name in ("get_job", "list_50", "series_500"):
                     spy = profile(proc.pid, args.profile, OUT / f"api-pyspy-{backend}-{name}-{stamp}.txt")
-                stats = asyncio.run(load(base, paths, clients, per_client))
+                if args.load_generator == "wrk":
+                    stats = load_wrk(base, paths, clients, args.seconds, tmp)
+                else:
+                    stats = asyncio.run(load(base, paths, clients, per_client))
                 if spy is not None:
                     spy.wait(args.profile + 30)
                     spy = None
@@ -317,7 +358,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="per client: get (list: half)")
     parser.add_argument("--series-requests", type=int, default=50, help="sequential series requests")
     parser.add_argument("--profile", type=int, default=0, help="py-spy the server for N s per phase")
+    parser.add_argument(
+        "--load-generator",
+        choices=("auto", "wrk", "httpx"),
+        default="auto",
+        help="wrk (C, Debian package `wrk`) leaves the server the CPU; httpx runs in this Python process",
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="per phase, with wrk")
     args = parser.parse_args()
+    if args.load_generator == "auto":
+        args.load_generator = "wrk" if shutil.which("wrk") else "httpx"
+    print(f"load generator: {args.load_generator}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server, drop the database
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

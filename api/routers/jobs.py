@@ -88,9 +88,12 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job")
-def get_job(job_id: JobId, db: DbDep, principal: PrincipalDep) -> JobOut:
+async def get_job(job_id: JobId, db: DbDep, principal: PrincipalDep) -> Response:
     """Status, spec, times, progress, latest metrics, error and queue position."""
-    return service.get(db, principal, job_id)
+    job = await service.get_async(db, principal, job_id)
+    return Response(  # already a JobOut: serialised once, not validated again by FastAPI
+        job.model_dump_json(), media_type="application/json"
+    )
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Request cancellation (idempotent)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Row, bindparam, func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased
 
 from api.errors import ProblemError, not_found
@@ -37,6 +38,8 @@ from core.store import (
     list_events,
     list_jobs,
     metric_series,
+    read_job_row,
+    read_job_row_async,
 )
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -72,9 +75,9 @@ def _queue_positions(session: Session, jobs: Sequence[Job]) -> dict[str, int]:
     return {job_id: int(ahead) + 1 for job_id, ahead in rows}
 
 
-def to_out(job: Job, queue_position: int | None = None) -> JobOut:
-    """The API view of a job row."""
-    error = job.error
+def to_out(job: Job | Row[Any], queue_position: int | None = None) -> JobOut:
+    """The API view of a job (an ORM object or a row of the jobs table)."""
+    error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
     return JobOut(
         id=job.id,
         name=job.name,
@@ -160,10 +163,29 @@ def list_page(
 
 
 def get(db: Database, principal: Principal, job_id: str) -> JobOut:
-    """One job (404 if it does not exist or belongs to another project)."""
-    with db.read() as session:
-        job = _visible(session, principal, job_id)
-        return to_out(job, _queue_positions(session, [job]).get(job.id))
+    """One job (404 if it does not exist or belongs to another project), read without the ORM."""
+    with db.point_read() as conn:
+        found = read_job_row(conn, job_id, project=principal.scope)
+    if found is None:
+        raise not_found("job", job_id)
+    return to_out(found.row, found.queue_position)
+
+
+async def get_async(db: Database, principal: Principal, job_id: str) -> JobOut:
+    """`get` for the event loop: inline on SQLite (a local read), on the async engine on PostgreSQL."""
+    if db.async_engine is None:
+        return get(db, principal, job_id)
+    for attempt in (1, 2):  # no pre-ping on this pool: a connection the server dropped is retried once
+        try:
+            async with db.async_engine.connect() as conn:
+                found = await read_job_row_async(conn, job_id, project=principal.scope)
+            break
+        except DBAPIError as exc:
+            if attempt == 2 or not exc.connection_invalidated:
+                raise
+    if found is None:
+        raise not_found("job", job_id)
+    return to_out(found.row, found.queue_position)
 
 
 def cancel(db: Database, principal: Principal, job_id: str) -> JobOut:

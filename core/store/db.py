@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POOL_SIZE = 20
+"""Connections kept open per engine. Below the API's concurrency (the thread pool runs up to 40 requests),
+each request past the pool would open and close its own connection: on SQLite that re-runs the pragmas,
+on PostgreSQL it is a new backend process, and either dominates a point read."""
 _BEGIN_OPTION = "minordpo_sqlite_begin"
 
 
@@ -51,12 +57,17 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if mode is not None:  # None: no transaction, each statement reads its own snapshot
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     """An Engine for `url`; SQLite files get their parent folder created and the pragmas of this module."""
     parsed = normalize_url(url)
+    pooled = parsed.get_backend_name() != "sqlite" or sqlite_file(parsed) is not None  # not :memory:
+    if pooled and "poolclass" not in kwargs:
+        kwargs.setdefault("pool_size", POOL_SIZE)
+        kwargs.setdefault("max_overflow", POOL_SIZE)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_file(parsed)
         if path is not None:
@@ -89,15 +100,36 @@ class Database:
             self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}) if self.is_sqlite else self.engine
         )
         self._read_factory = sessionmaker(self.engine, expire_on_commit=False)
+        self._point_reader = (
+            self.engine.execution_options(**{_BEGIN_OPTION: None}) if self.is_sqlite else self.engine
+        )
         self._write_factory = sessionmaker(writer, expire_on_commit=False)
 
     @property
     def url(self) -> URL:
         return self.engine.url
 
+    @cached_property
+    def async_engine(self) -> AsyncEngine | None:
+        """An asyncio engine on the same PostgreSQL database, for hot reads that must not block the event
+        loop on a network round trip; None on SQLite, whose reads are local and short enough to run inline.
+
+        No pre-ping (it would double the round trips of a point read): callers retry once when a
+        connection turns out to be dropped, which invalidates the pool's older connections too."""
+        if self.is_sqlite:
+            return None
+        return create_async_engine(
+            self.engine.url, pool_size=POOL_SIZE, max_overflow=POOL_SIZE, pool_pre_ping=False
+        )
+
     def session(self) -> Session:
         """A plain session (deferred transactions); the caller commits and closes it."""
         return self._read_factory()
+
+    def point_read(self) -> Connection:
+        """A Core connection for short reads (use as a context manager); on SQLite it opens no
+        transaction, so each statement sees its own consistent snapshot and nothing is rolled back."""
+        return self._point_reader.connect()
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -113,5 +145,11 @@ class Database:
             yield session
 
     def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection of the sync engine (see `close_async_engine` for the other)."""
         self.engine.dispose()
+
+    async def close_async_engine(self) -> None:
+        """Close the async engine's connections, from the event loop that used them (the app's shutdown)."""
+        engine = self.__dict__.pop("async_engine", None)
+        if engine is not None:
+            await engine.dispose()

@@ -12,8 +12,10 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
 from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError
@@ -157,9 +159,58 @@ def _scoped(stmt: Any, project: str | None) -> Any:
     return stmt if project is None else stmt.where(Job.project == project)
 
 
+# Built once: a statement object memoizes its compiled-cache key, so the hottest read (GET a job) skips
+# building the expression and hashing it on every call.
+_JOB_BY_ID = select(Job).where(Job.id == bindparam("job_id"))
+_JOB_BY_ID_IN_PROJECT = _JOB_BY_ID.where(Job.project == bindparam("project"))
+
+
+_JOBS = Job.__table__
+_JOB_ROW_BY_ID = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
+_JOB_ROW_BY_ID_IN_PROJECT = _JOB_ROW_BY_ID.where(_JOBS.c.project == bindparam("project"))
+_QUEUED_AHEAD = select(func.count()).where(
+    _JOBS.c.status == JobStatus.QUEUED.value, _JOBS.c.seq < bindparam("seq")
+)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A row of the jobs table (columns named like Job's attributes) and its 1-based queue position."""
+
+    row: Row[Any]
+    queue_position: int | None
+
+
+def _job_row_query(job_id: str, project: str | None) -> tuple[Any, dict[str, str]]:
+    if project is None:
+        return _JOB_ROW_BY_ID, {"job_id": job_id}
+    return _JOB_ROW_BY_ID_IN_PROJECT, {"job_id": job_id, "project": project}
+
+
+def read_job_row(conn: Connection, job_id: str, *, project: str | None = None) -> JobRow | None:
+    """The job's row and queue position without the ORM (the hot read path behind GET /v1/jobs/{id})."""
+    row = conn.execute(*_job_row_query(job_id, project)).first()
+    if row is None or row.status != JobStatus.QUEUED.value:
+        return JobRow(row, None) if row is not None else None
+    return JobRow(row, int(conn.execute(_QUEUED_AHEAD, {"seq": row.seq}).scalar_one()) + 1)
+
+
+async def read_job_row_async(
+    conn: AsyncConnection, job_id: str, *, project: str | None = None
+) -> JobRow | None:
+    """`read_job_row` on an asyncio connection (PostgreSQL: the event loop is free during the round trip)."""
+    row = (await conn.execute(*_job_row_query(job_id, project))).first()
+    if row is None or row.status != JobStatus.QUEUED.value:
+        return JobRow(row, None) if row is not None else None
+    ahead = (await conn.execute(_QUEUED_AHEAD, {"seq": row.seq})).scalar_one()
+    return JobRow(row, int(ahead) + 1)
+
+
 def get_job(session: Session, job_id: str, *, project: str | None = None) -> Job | None:
     """The job, or None if it does not exist or belongs to another project (`project=None`: any)."""
-    return session.scalars(_scoped(select(Job).where(Job.id == job_id), project)).one_or_none()
+    if project is None:
+        return session.scalars(_JOB_BY_ID, {"job_id": job_id}).one_or_none()
+    return session.scalars(_JOB_BY_ID_IN_PROJECT, {"job_id": job_id, "project": project}).one_or_none()
 
 
 def require_job(session: Session, job_id: str, *, project: str | None = None) -> Job:
@@ -232,10 +283,7 @@ def queue_position(session: Session, job: Job) -> int | None:
     """1-based position of a queued job in the dispatch queue (all projects), or None if not queued."""
     if job.status != JobStatus.QUEUED.value:
         return None
-    ahead = session.scalar(
-        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED.value, Job.seq < job.seq)
-    )
-    return int(ahead or 0) + 1
+    return int(session.scalar(_QUEUED_AHEAD, {"seq": job.seq}) or 0) + 1
 
 
 def transition(

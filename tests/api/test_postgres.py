@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from api.main import create_app
 from core.settings import Settings
@@ -58,3 +59,24 @@ def test_api_on_postgres(pg_client: tuple[TestClient, Any], spec: dict[str, Any]
     ).json()["data"]
     assert [r["step"] for r in rows][0] == 1 and rows[-1]["step"] == 50 and len(rows) == 5
     assert all(set(r) == {"step", "time", "loss"} for r in rows)
+
+
+def test_get_job_survives_the_server_dropping_its_connections(
+    pg_client: tuple[TestClient, Any], spec: dict[str, Any]
+) -> None:
+    """The hot read's pool has no pre-ping: a dropped connection is retried once, not a 500."""
+    client, db = pg_client
+    job_id = client.post("/v1/jobs", json=spec, headers=auth()).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth()).status_code == 200  # the pool holds a connection
+    with db.engine.connect() as conn:
+        killed = conn.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar_one()
+    assert killed >= 1
+    for _ in range(3):
+        r = client.get(f"/v1/jobs/{job_id}", headers=auth())
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "queued" and r.json()["queue_position"] == 1

@@ -1,0 +1,74 @@
+"""The ORM-free job read behind GET /v1/jobs/{id}: same fields as the ORM, queue position, project scope."""
+
+from __future__ import annotations
+
+import asyncio
+
+from core.store import (
+    Database,
+    JobRow,
+    claim_queued,
+    get_job,
+    queue_position,
+    read_job_row,
+    read_job_row_async,
+)
+from tests.store.test_store_jobs import new_job
+
+FIELDS = ("id", "project", "name", "status", "spec", "created_at", "step", "latest_metrics", "error_code")
+
+
+def _read(db: Database, job_id: str, project: str | None = None) -> JobRow | None:
+    with db.engine.connect() as conn:
+        return read_job_row(conn, job_id, project=project)
+
+
+def test_row_read_matches_the_orm_and_counts_the_queue(db: Database) -> None:
+    first, second, third = new_job(db, "a"), new_job(db, "b"), new_job(db, "a")
+    with db.write() as s:
+        assert [j.id for j in claim_queued(s, 1, "w")] == [first]
+    for job_id in (first, second, third):
+        found = _read(db, job_id)
+        assert found is not None
+        with db.read() as s:
+            job = get_job(s, job_id)
+            assert job is not None
+            assert {f: getattr(found.row, f) for f in FIELDS} == {f: getattr(job, f) for f in FIELDS}
+            assert found.queue_position == queue_position(s, job)
+    assert _read(db, first).queue_position is None  # running
+    assert [_read(db, j).queue_position for j in (second, third)] == [1, 2]  # all projects queue together
+
+
+def test_row_read_is_scoped_by_project(db: Database) -> None:
+    job_id = new_job(db, "a")
+    assert _read(db, job_id, "a") is not None
+    assert _read(db, job_id, "b") is None
+    assert _read(db, "job_missing") is None
+
+
+def test_async_read_on_postgres_matches_the_sync_read(db: Database) -> None:
+    if db.async_engine is None:
+        assert db.is_sqlite  # SQLite reads run inline on the event loop: no async engine
+        return
+    running, queued = new_job(db, "a"), new_job(db, "a")
+    with db.write() as s:
+        claim_queued(s, 1, "w")
+
+    async def read_all() -> list[JobRow | None]:
+        try:
+            async with db.async_engine.connect() as conn:
+                return [
+                    await read_job_row_async(conn, running),
+                    await read_job_row_async(conn, queued, project="a"),
+                    await read_job_row_async(conn, queued, project="b"),
+                ]
+        finally:
+            await db.close_async_engine()
+
+    got = asyncio.run(read_all())
+    assert got[2] is None
+    for job_id, found in zip((running, queued), got[:2], strict=True):
+        expected = _read(db, job_id)
+        assert found is not None and expected is not None
+        assert found.queue_position == expected.queue_position
+        assert {f: getattr(found.row, f) for f in FIELDS} == {f: getattr(expected.row, f) for f in FIELDS}
