@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -16,8 +15,7 @@ from typing import Any
 import pytest
 
 from core.store import Database, add_checkpoint, append_metrics, transition, update_progress
-from tests.conftest import REPO
-from tests.serving import free_port, wait_until_up
+from tests.serving import api_only_env, free_port, wait_until_up
 
 TOKEN = "tok-live-5b1e9c"
 PAIRS = [{"prompt": f"Q{i}?", "chosen": f" A{i}.", "rejected": " no."} for i in range(8)]
@@ -66,17 +64,8 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     (root / "train.jsonl").write_text("".join(__import__("json").dumps(p) + "\n" for p in PAIRS))
     db_url = f"sqlite:///{root / 'server.db'}"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
-    env.update(
-        MINORDPO_DATABASE_URL=db_url,
-        MINORDPO_ARTIFACTS_DIR=str(root / "artifacts"),
-        MINORDPO_API_TOKENS=f"team-live:{TOKEN}",
-        MINORDPO_ALLOWED_PATHS=str(root),
-        MINORDPO_PORT=str(port),
-        MINORDPO_EMBEDDED_DISPATCHER="false",  # the tests play the worker through the database
-        MINORDPO_SSE_HEARTBEAT_S="1",
-        PYTHONPATH=str(REPO),
-    )
+    # the tests play the worker through the database
+    env = api_only_env(db_url, root, f"team-live:{TOKEN}", port, MINORDPO_SSE_HEARTBEAT_S="1")
     log = (root / "serve.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "serve"], cwd=root, env=env, stdout=log, stderr=log

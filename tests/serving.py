@@ -7,9 +7,27 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
+
+
+def api_only_env(database_url: str, root: Path, tokens: str, port: int, **extra: str) -> dict[str, str]:
+    """Environment for a `minordpo serve` child that serves the API only (no dispatcher, no Ray),
+    with artifacts and allowed paths under `root`; this process's MINORDPO_* settings are dropped."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
+    env.update(
+        MINORDPO_DATABASE_URL=database_url,
+        MINORDPO_ARTIFACTS_DIR=str(root / "artifacts"),
+        MINORDPO_API_TOKENS=tokens,
+        MINORDPO_ALLOWED_PATHS=str(root),
+        MINORDPO_PORT=str(port),
+        MINORDPO_EMBEDDED_DISPATCHER="false",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        **extra,
+    )
+    return env
 
 
 def free_port() -> int:

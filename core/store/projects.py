@@ -88,14 +88,17 @@ def sync_tokens(session: Session, entries: Iterable[tuple[str, str]], *, source:
         wanted[digest] = project
     for project in sorted(set(wanted.values())):
         ensure_project(session, project)
-    existing = {t.token_hash: t for t in session.scalars(select(ApiToken))}
-    for digest, project in wanted.items():
-        row = existing.get(digest)
-        if row is None:
-            session.add(ApiToken(project=project, token_hash=digest, source=source, created_at=utcnow()))
-        elif row.project != project or row.source != source:
-            row.project, row.source = project, source
-    stale = [h for h, t in existing.items() if t.source == source and h not in wanted]
+    for digest, project in wanted.items():  # an upsert: another replica may be syncing the same tokens
+        insert = dialect_insert(session, ApiToken).values(
+            project=project, token_hash=digest, source=source, created_at=utcnow()
+        )
+        session.execute(
+            insert.on_conflict_do_update(
+                index_elements=["token_hash"], set_={"project": project, "source": source}
+            )
+        )
+    existing = session.execute(select(ApiToken.token_hash, ApiToken.source)).all()
+    stale = [h for h, src in existing if src == source and h not in wanted]
     if stale:
         session.execute(delete(ApiToken).where(ApiToken.token_hash.in_(stale)))
     session.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import pytest
 from sqlalchemy import select
@@ -15,6 +16,7 @@ from core.store import (
     add_checkpoint,
     create_job,
     delete_checkpoint,
+    ensure_project,
     get_dataset,
     hash_token,
     latest_checkpoint,
@@ -125,3 +127,29 @@ def test_checkpoints_are_idempotent_per_step(db: Database) -> None:
         assert delete_checkpoint(s, job.id, 50) and not delete_checkpoint(s, job.id, 50)
         with pytest.raises(NotFoundError):
             add_checkpoint(s, "job_missing", 1, "/x")
+
+
+def test_two_processes_syncing_the_same_tokens_at_once_both_succeed(db: Database) -> None:
+    """Replicas starting together: the second sync waits for the first and must not hit a duplicate key."""
+    entries = [("team-a", "secret-a"), ("team-b", "secret-b")]
+    outcome: list[BaseException | int] = []
+    with db.write() as s:  # the projects exist already: only the token rows can collide
+        ensure_project(s, "team-a")
+        ensure_project(s, "team-b")
+
+    def second() -> None:
+        try:
+            with db.write() as s:
+                outcome.append(sync_tokens(s, entries))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    with db.write() as s:
+        sync_tokens(s, entries)  # inserted, not yet committed
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(0.5)  # blocked on our transaction (a row lock on PostgreSQL, BEGIN IMMEDIATE on SQLite)
+    other.join(30)
+    assert outcome == [2]
+    with db.read() as s:
+        assert project_for_token(s, "secret-b") == "team-b"
