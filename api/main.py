@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -71,13 +70,14 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("API ready (auth %s)", "on" if authenticator.enabled else "off: loopback only")
-        gc.freeze()  # start-up objects leave the collector's view: full collections stay short under load
         yield
-        for hook in app.state.shutdown_hooks:  # e.g. the embedded dispatcher and its local Ray head
-            await asyncio.to_thread(hook)
-        await db.close_async_engine()  # bound to this event loop
-        if database is None:
-            db.dispose()
+        try:
+            for hook in app.state.shutdown_hooks:  # e.g. the embedded dispatcher and its local Ray head
+                await asyncio.to_thread(hook)
+        finally:
+            await db.close_async_engine()  # bound to this event loop
+            if database is None:
+                db.dispose()
 
     app = FastAPI(
         title="MinorDPO Service",

@@ -28,12 +28,14 @@ from core.store import (
     IdempotencyConflictError,
     InvalidCursorError,
     Job,
+    JobRow,
     JobStatus,
     NotFoundError,
     cancel_job,
     create_job,
     get_dataset,
     get_job,
+    job_error_payload,
     list_checkpoints,
     list_events,
     list_jobs,
@@ -77,7 +79,7 @@ def _queue_positions(session: Session, jobs: Sequence[Job]) -> dict[str, int]:
 
 def to_out(job: Job | Row[Any], queue_position: int | None = None) -> JobOut:
     """The API view of a job (an ORM object or a row of the jobs table)."""
-    error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
+    error = job_error_payload(job.error_code, job.error_message)
     return JobOut(
         id=job.id,
         name=job.name,
@@ -162,30 +164,35 @@ def list_page(
         ) from exc
 
 
-def get(db: Database, principal: Principal, job_id: str) -> JobOut:
-    """One job (404 if it does not exist or belongs to another project), read without the ORM."""
-    with db.point_read() as conn:
-        found = read_job_row(conn, job_id, project=principal.scope)
+def _found_or_404(found: JobRow | None, job_id: str) -> JobOut:
     if found is None:
         raise not_found("job", job_id)
     return to_out(found.row, found.queue_position)
+
+
+def get(db: Database, principal: Principal, job_id: str) -> JobOut:
+    """One job (404 if it does not exist or belongs to another project), read without the ORM."""
+    with db.point_read() as conn:
+        return _found_or_404(read_job_row(conn, job_id, project=principal.scope), job_id)
 
 
 async def get_async(db: Database, principal: Principal, job_id: str) -> JobOut:
     """`get` for the event loop: inline on SQLite (a local read), on the async engine on PostgreSQL."""
-    if db.async_engine is None:
+    engine = db.async_engine
+    if engine is None:
         return get(db, principal, job_id)
-    for attempt in (1, 2):  # no pre-ping on this pool: a connection the server dropped is retried once
-        try:
-            async with db.async_engine.connect() as conn:
-                found = await read_job_row_async(conn, job_id, project=principal.scope)
-            break
-        except DBAPIError as exc:
-            if attempt == 2 or not exc.connection_invalidated:
-                raise
-    if found is None:
-        raise not_found("job", job_id)
-    return to_out(found.row, found.queue_position)
+
+    async def read() -> JobRow | None:
+        async with engine.connect() as conn:
+            return await read_job_row_async(conn, job_id, project=principal.scope)
+
+    try:
+        found = await read()
+    except DBAPIError as exc:  # no pre-ping on this pool: a connection the server dropped is retried once
+        if not exc.connection_invalidated:
+            raise
+        found = await read()
+    return _found_or_404(found, job_id)
 
 
 def cancel(db: Database, principal: Principal, job_id: str) -> JobOut:

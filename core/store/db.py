@@ -14,10 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-POOL_SIZE = 20
-"""Connections kept open per engine. Below the API's concurrency (the thread pool runs up to 40 requests),
-each request past the pool would open and close its own connection: on SQLite that re-runs the pragmas,
-on PostgreSQL it is a new backend process, and either dominates a point read."""
+POOL_SIZE = 10
+MAX_OVERFLOW = 10
+"""Connections kept open per engine, and extra ones opened (and closed again) under bursts. SQLAlchemy's
+5 were too few for the API's thread pool: each request past them opened its own connection, which on
+SQLite re-runs the pragmas and on PostgreSQL starts a backend process. PostgreSQL's budget: an API process
+holds at most 2 x (POOL_SIZE + MAX_OVERFLOW) (sync and async engines), the dispatcher and each job's
+driver POOL_SIZE + MAX_OVERFLOW (docs/deployment.md)."""
 _BEGIN_OPTION = "minordpo_sqlite_begin"
 
 
@@ -67,7 +70,7 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     pooled = parsed.get_backend_name() != "sqlite" or sqlite_file(parsed) is not None  # not :memory:
     if pooled and "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", POOL_SIZE)
-        kwargs.setdefault("max_overflow", POOL_SIZE)
+        kwargs.setdefault("max_overflow", MAX_OVERFLOW)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_file(parsed)
         if path is not None:
@@ -100,9 +103,13 @@ class Database:
             self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}) if self.is_sqlite else self.engine
         )
         self._read_factory = sessionmaker(self.engine, expire_on_commit=False)
-        self._point_reader = (
-            self.engine.execution_options(**{_BEGIN_OPTION: None}) if self.is_sqlite else self.engine
-        )
+        self._point_engine: Engine | None = None
+        self._point_reader = self.engine
+        if self.is_sqlite and sqlite_file(self.engine.url) is not None:
+            # Its own tiny pool, used from the event loop only: the loop never waits for a connection
+            # that the thread pool's requests hold. No transaction: one statement, one snapshot.
+            self._point_engine = make_engine(self.engine.url, pool_size=1, max_overflow=1)
+            self._point_reader = self._point_engine.execution_options(**{_BEGIN_OPTION: None})
         self._write_factory = sessionmaker(writer, expire_on_commit=False)
 
     @property
@@ -115,11 +122,15 @@ class Database:
         loop on a network round trip; None on SQLite, whose reads are local and short enough to run inline.
 
         No pre-ping (it would double the round trips of a point read): callers retry once when a
-        connection turns out to be dropped, which invalidates the pool's older connections too."""
+        connection turns out to be dropped, which invalidates the pool's older connections too. Same
+        budget as the sync engine, but every connection is kept open."""
         if self.is_sqlite:
             return None
         return create_async_engine(
-            self.engine.url, pool_size=POOL_SIZE, max_overflow=POOL_SIZE, pool_pre_ping=False
+            self.engine.url,
+            pool_size=POOL_SIZE + MAX_OVERFLOW,  # all kept: a connection opened per burst is a new backend
+            max_overflow=0,  # past that, reads wait for a free connection without blocking the loop
+            pool_pre_ping=False,
         )
 
     def session(self) -> Session:
@@ -127,8 +138,8 @@ class Database:
         return self._read_factory()
 
     def point_read(self) -> Connection:
-        """A Core connection for short reads (use as a context manager); on SQLite it opens no
-        transaction, so each statement sees its own consistent snapshot and nothing is rolled back."""
+        """A Core connection for one short read on the event loop (use as a context manager). On a SQLite
+        file it comes from a pool of its own and opens no transaction (nothing to roll back)."""
         return self._point_reader.connect()
 
     @contextmanager
@@ -145,8 +156,10 @@ class Database:
             yield session
 
     def dispose(self) -> None:
-        """Close every pooled connection of the sync engine (see `close_async_engine` for the other)."""
+        """Close every pooled connection of the sync engines (see `close_async_engine` for the other)."""
         self.engine.dispose()
+        if self._point_engine is not None:
+            self._point_engine.dispose()
 
     async def close_async_engine(self) -> None:
         """Close the async engine's connections, from the event loop that used them (the app's shutdown)."""

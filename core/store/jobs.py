@@ -187,12 +187,21 @@ def _job_row_query(job_id: str, project: str | None) -> tuple[Any, dict[str, str
     return _JOB_ROW_BY_ID_IN_PROJECT, {"job_id": job_id, "project": project}
 
 
+def _with_position(row: Row[Any] | None, ahead: int | None) -> JobRow | None:
+    if row is None:
+        return None
+    return JobRow(row, None if ahead is None else ahead + 1)
+
+
+def _needs_position(row: Row[Any] | None) -> bool:
+    return row is not None and row.status == JobStatus.QUEUED.value
+
+
 def read_job_row(conn: Connection, job_id: str, *, project: str | None = None) -> JobRow | None:
     """The job's row and queue position without the ORM (the hot read path behind GET /v1/jobs/{id})."""
     row = conn.execute(*_job_row_query(job_id, project)).first()
-    if row is None or row.status != JobStatus.QUEUED.value:
-        return JobRow(row, None) if row is not None else None
-    return JobRow(row, int(conn.execute(_QUEUED_AHEAD, {"seq": row.seq}).scalar_one()) + 1)
+    ahead = conn.execute(_QUEUED_AHEAD, {"seq": row.seq}).scalar_one() if _needs_position(row) else None
+    return _with_position(row, ahead)
 
 
 async def read_job_row_async(
@@ -200,10 +209,10 @@ async def read_job_row_async(
 ) -> JobRow | None:
     """`read_job_row` on an asyncio connection (PostgreSQL: the event loop is free during the round trip)."""
     row = (await conn.execute(*_job_row_query(job_id, project))).first()
-    if row is None or row.status != JobStatus.QUEUED.value:
-        return JobRow(row, None) if row is not None else None
-    ahead = (await conn.execute(_QUEUED_AHEAD, {"seq": row.seq})).scalar_one()
-    return JobRow(row, int(ahead) + 1)
+    ahead = None
+    if _needs_position(row):
+        ahead = (await conn.execute(_QUEUED_AHEAD, {"seq": row.seq})).scalar_one()
+    return _with_position(row, ahead)
 
 
 def get_job(session: Session, job_id: str, *, project: str | None = None) -> Job | None:

@@ -150,9 +150,14 @@ class Job(Base):
     @property
     def error(self) -> dict[str, str] | None:
         """``{code, message}`` of a failed job, else None (the API's `error` field)."""
-        if self.error_code is None:
-            return None
-        return {"code": self.error_code, "message": self.error_message or ""}
+        return job_error_payload(self.error_code, self.error_message)
+
+
+def job_error_payload(code: str | None, message: str | None) -> dict[str, str] | None:
+    """The API's `error` of a job from its two columns: ``{code, message}``, or None without a code."""
+    if code is None:
+        return None
+    return {"code": code, "message": message or ""}
 
 
 class IdempotencyKey(Base):

@@ -88,7 +88,8 @@ def sync_tokens(session: Session, entries: Iterable[tuple[str, str]], *, source:
         wanted[digest] = project
     for project in sorted(set(wanted.values())):
         ensure_project(session, project)
-    for digest, project in wanted.items():  # an upsert: another replica may be syncing the same tokens
+    # An upsert, in one order everywhere: replicas starting together sync the same tokens at once.
+    for digest, project in sorted(wanted.items()):
         insert = dialect_insert(session, ApiToken).values(
             project=project, token_hash=digest, source=source, created_at=utcnow()
         )

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -35,26 +35,33 @@ def replicas(url: str, root: Path) -> Iterator[list[str]]:
     upgrade(url)
     (root / "model").mkdir(exist_ok=True)
     (root / "train.jsonl").write_text('{"prompt": "Q?", "chosen": " A.", "rejected": " B."}\n')
-    procs, urls = [], []
-    for i in range(REPLICAS):
-        port = free_port()
-        env = api_only_env(url, root, f"team-r:{TOKEN}", port)
-        log = (root / f"serve-{i}.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "serve"], cwd=root, env=env, stdout=log, stderr=log
+    ports: set[int] = set()
+    while len(ports) < REPLICAS:
+        ports.add(free_port())
+    procs: list[subprocess.Popen[bytes]] = []
+    with ExitStack() as stack:
+        for i, port in enumerate(sorted(ports)):
+            log = stack.enter_context((root / f"serve-{i}.log").open("wb"))
+            env = api_only_env(url, root, f"team-r:{TOKEN}", port)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "cli.main", "serve"], cwd=root, env=env, stdout=log, stderr=log
+                )
             )
-        )
-        urls.append(f"http://127.0.0.1:{port}")
-    try:
-        for i, (proc, base) in enumerate(zip(procs, urls, strict=True)):
-            wait_until_up(proc, f"{base}/readyz", log=(root / f"serve-{i}.log").read_text)
-        yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
+        urls = [f"http://127.0.0.1:{port}" for port in sorted(ports)]
+        try:
+            for i, (proc, base) in enumerate(zip(procs, urls, strict=True)):
+                wait_until_up(proc, f"{base}/readyz", log=(root / f"serve-{i}.log").read_text)
+            yield urls
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -4,29 +4,41 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from core.store import (
     Database,
+    JobError,
     JobRow,
     claim_queued,
     get_job,
     queue_position,
     read_job_row,
     read_job_row_async,
+    transition,
 )
 from tests.store.test_store_jobs import new_job
 
-FIELDS = ("id", "project", "name", "status", "spec", "created_at", "step", "latest_metrics", "error_code")
+FIELDS = (
+    "id", "project", "name", "status", "cancel_requested", "spec", "group_id", "created_at", "updated_at",
+    "started_at", "finished_at", "step", "total_steps", "latest_metrics", "error_code", "error_message",
+    "attempt", "seq",
+)  # fmt: skip
 
 
 def _read(db: Database, job_id: str, project: str | None = None) -> JobRow | None:
-    with db.engine.connect() as conn:
-        return read_job_row(conn, job_id, project=project)
+    with db.point_read() as conn:  # what GET /v1/jobs/{id} uses (on SQLite: its own pool, no transaction)
+        found = read_job_row(conn, job_id, project=project)
+        if db.is_sqlite:
+            assert not conn.connection.dbapi_connection.in_transaction  # no BEGIN, nothing to roll back
+        return found
 
 
 def test_row_read_matches_the_orm_and_counts_the_queue(db: Database) -> None:
-    first, second, third = new_job(db, "a"), new_job(db, "b"), new_job(db, "a")
+    first, second, third = new_job(db, "a"), new_job(db, "b"), new_job(db, "a", group_id="g1")
     with db.write() as s:
         assert [j.id for j in claim_queued(s, 1, "w")] == [first]
+        transition(s, first, "failed", error=JobError("boom", "it broke"))
     for job_id in (first, second, third):
         found = _read(db, job_id)
         assert found is not None
@@ -35,7 +47,9 @@ def test_row_read_matches_the_orm_and_counts_the_queue(db: Database) -> None:
             assert job is not None
             assert {f: getattr(found.row, f) for f in FIELDS} == {f: getattr(job, f) for f in FIELDS}
             assert found.queue_position == queue_position(s, job)
-    assert _read(db, first).queue_position is None  # running
+    failed = _read(db, first)
+    assert failed.queue_position is None and failed.row.finished_at is not None
+    assert (failed.row.error_code, failed.row.error_message) == ("boom", "it broke")
     assert [_read(db, j).queue_position for j in (second, third)] == [1, 2]  # all projects queue together
 
 
@@ -48,8 +62,7 @@ def test_row_read_is_scoped_by_project(db: Database) -> None:
 
 def test_async_read_on_postgres_matches_the_sync_read(db: Database) -> None:
     if db.async_engine is None:
-        assert db.is_sqlite  # SQLite reads run inline on the event loop: no async engine
-        return
+        pytest.skip("SQLite reads run inline on the event loop: no async engine")
     running, queued = new_job(db, "a"), new_job(db, "a")
     with db.write() as s:
         claim_queued(s, 1, "w")

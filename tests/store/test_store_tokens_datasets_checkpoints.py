@@ -129,8 +129,8 @@ def test_checkpoints_are_idempotent_per_step(db: Database) -> None:
             add_checkpoint(s, "job_missing", 1, "/x")
 
 
-def test_two_processes_syncing_the_same_tokens_at_once_both_succeed(db: Database) -> None:
-    """Replicas starting together: the second sync waits for the first and must not hit a duplicate key."""
+def test_two_replicas_syncing_the_same_tokens_at_once_both_succeed(db: Database) -> None:
+    """Two API replicas starting together (two sessions here): the second sync waits, then must not hit a duplicate key."""
     entries = [("team-a", "secret-a"), ("team-b", "secret-b")]
     outcome: list[BaseException | int] = []
     with db.write() as s:  # the projects exist already: only the token rows can collide
