@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -78,7 +79,8 @@ def test_async_read_on_postgres_matches_the_sync_read(db: Database) -> None:
         finally:
             await db.close_async_engine()
 
-    got = asyncio.run(read_all())
+    with ThreadPoolExecutor(1) as pool:  # a loop of its own, even if another test left one running here
+        got = pool.submit(asyncio.run, read_all()).result()
     assert got[2] is None
     for job_id, found in zip((running, queued), got[:2], strict=True):
         expected = _read(db, job_id)
