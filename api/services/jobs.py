@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Row, bindparam, func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from api.errors import ProblemError, not_found
 from api.services.auth import Principal
@@ -40,6 +40,7 @@ from core.store import (
     list_events,
     list_jobs,
     metric_series,
+    queue_positions,
     read_job_row,
     read_job_row_async,
 )
@@ -58,23 +59,10 @@ def dataset_lookup(db: Database, principal: Principal) -> DatasetLookup:
     return lookup
 
 
-_EARLIER = aliased(Job)
-_QUEUE_POSITIONS = select(
-    Job.id,
-    select(func.count())
-    .where(_EARLIER.status == JobStatus.QUEUED.value, _EARLIER.seq < Job.seq)
-    .scalar_subquery()
-    .label("ahead"),
-).where(Job.seq.in_(bindparam("seqs", expanding=True)))
-
-
 def _queue_positions(session: Session, jobs: Sequence[Job]) -> dict[str, int]:
-    """1-based queue position of each queued job: an index range count on (status, seq) per job."""
-    seqs = [j.seq for j in jobs if j.status == JobStatus.QUEUED.value]
-    if not seqs:
-        return {}
-    rows = session.execute(_QUEUE_POSITIONS, {"seqs": seqs}).all()
-    return {job_id: int(ahead) + 1 for job_id, ahead in rows}
+    """1-based queue position of each queued job among `jobs`, by job id."""
+    queued = {j.seq: j.id for j in jobs if j.status == JobStatus.QUEUED.value}
+    return {queued[seq]: pos for seq, pos in queue_positions(session, list(queued)).items()}
 
 
 def to_out(job: Job | Row[Any], queue_position: int | None = None) -> JobOut:

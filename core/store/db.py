@@ -14,13 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Connections kept open per engine, and extra ones opened (and closed again) under bursts. SQLAlchemy's 5
+# were too few for the API's thread pool: each request past them opened its own connection, which on
+# SQLite re-runs the pragmas and on PostgreSQL starts a backend process. PostgreSQL's budget: an API process
+# holds at most 2 x (POOL_SIZE + MAX_OVERFLOW) (sync and async engines), the dispatcher and each job's
+# driver POOL_SIZE + MAX_OVERFLOW (docs/deployment.md).
 POOL_SIZE = 10
 MAX_OVERFLOW = 10
-"""Connections kept open per engine, and extra ones opened (and closed again) under bursts. SQLAlchemy's
-5 were too few for the API's thread pool: each request past them opened its own connection, which on
-SQLite re-runs the pragmas and on PostgreSQL starts a backend process. PostgreSQL's budget: an API process
-holds at most 2 x (POOL_SIZE + MAX_OVERFLOW) (sync and async engines), the dispatcher and each job's
-driver POOL_SIZE + MAX_OVERFLOW (docs/deployment.md)."""
 _BEGIN_OPTION = "minordpo_sqlite_begin"
 
 

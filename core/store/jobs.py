@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError
 from core.store.events import append_event
@@ -161,16 +161,24 @@ def _scoped(stmt: Any, project: str | None) -> Any:
 
 # Built once: a statement object memoizes its compiled-cache key, so the hottest read (GET a job) skips
 # building the expression and hashing it on every call.
-_JOB_BY_ID = select(Job).where(Job.id == bindparam("job_id"))
-_JOB_BY_ID_IN_PROJECT = _JOB_BY_ID.where(Job.project == bindparam("project"))
-
-
 _JOBS = Job.__table__
 _JOB_ROW_BY_ID = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
 _JOB_ROW_BY_ID_IN_PROJECT = _JOB_ROW_BY_ID.where(_JOBS.c.project == bindparam("project"))
-_QUEUED_AHEAD = select(func.count()).where(
-    _JOBS.c.status == JobStatus.QUEUED.value, _JOBS.c.seq < bindparam("seq")
-)
+_EARLIER = aliased(Job)
+_QUEUED_AHEAD = select(
+    Job.seq,
+    select(func.count())
+    .where(_EARLIER.status == JobStatus.QUEUED.value, _EARLIER.seq < Job.seq)
+    .scalar_subquery(),
+).where(Job.seq.in_(bindparam("seqs", expanding=True)))
+"""(seq, queued jobs ahead of it) for the given seqs: one index-range count on (status, seq) per job."""
+
+
+def queue_positions(session: Session | Connection, seqs: list[int]) -> dict[int, int]:
+    """1-based dispatch-queue position (all projects) of each queued job's seq (pass queued jobs only)."""
+    if not seqs:
+        return {}
+    return {seq: int(ahead) + 1 for seq, ahead in session.execute(_QUEUED_AHEAD, {"seqs": seqs})}
 
 
 @dataclass(frozen=True)
@@ -187,21 +195,16 @@ def _job_row_query(job_id: str, project: str | None) -> tuple[Any, dict[str, str
     return _JOB_ROW_BY_ID_IN_PROJECT, {"job_id": job_id, "project": project}
 
 
-def _with_position(row: Row[Any] | None, ahead: int | None) -> JobRow | None:
-    if row is None:
-        return None
-    return JobRow(row, None if ahead is None else ahead + 1)
-
-
-def _needs_position(row: Row[Any] | None) -> bool:
-    return row is not None and row.status == JobStatus.QUEUED.value
+def _queued(row: Row[Any]) -> bool:
+    return bool(row.status == JobStatus.QUEUED.value)
 
 
 def read_job_row(conn: Connection, job_id: str, *, project: str | None = None) -> JobRow | None:
     """The job's row and queue position without the ORM (the hot read path behind GET /v1/jobs/{id})."""
     row = conn.execute(*_job_row_query(job_id, project)).first()
-    ahead = conn.execute(_QUEUED_AHEAD, {"seq": row.seq}).scalar_one() if _needs_position(row) else None
-    return _with_position(row, ahead)
+    if row is None:
+        return None
+    return JobRow(row, queue_positions(conn, [row.seq]).get(row.seq) if _queued(row) else None)
 
 
 async def read_job_row_async(
@@ -209,17 +212,17 @@ async def read_job_row_async(
 ) -> JobRow | None:
     """`read_job_row` on an asyncio connection (PostgreSQL: the event loop is free during the round trip)."""
     row = (await conn.execute(*_job_row_query(job_id, project))).first()
-    ahead = None
-    if _needs_position(row):
-        ahead = (await conn.execute(_QUEUED_AHEAD, {"seq": row.seq})).scalar_one()
-    return _with_position(row, ahead)
+    if row is None:
+        return None
+    if not _queued(row):
+        return JobRow(row, None)
+    ahead = (await conn.execute(_QUEUED_AHEAD, {"seqs": [row.seq]})).one()[1]
+    return JobRow(row, int(ahead) + 1)
 
 
 def get_job(session: Session, job_id: str, *, project: str | None = None) -> Job | None:
     """The job, or None if it does not exist or belongs to another project (`project=None`: any)."""
-    if project is None:
-        return session.scalars(_JOB_BY_ID, {"job_id": job_id}).one_or_none()
-    return session.scalars(_JOB_BY_ID_IN_PROJECT, {"job_id": job_id, "project": project}).one_or_none()
+    return session.scalars(_scoped(select(Job).where(Job.id == job_id), project)).one_or_none()
 
 
 def require_job(session: Session, job_id: str, *, project: str | None = None) -> Job:
@@ -292,7 +295,7 @@ def queue_position(session: Session, job: Job) -> int | None:
     """1-based position of a queued job in the dispatch queue (all projects), or None if not queued."""
     if job.status != JobStatus.QUEUED.value:
         return None
-    return int(session.scalar(_QUEUED_AHEAD, {"seq": job.seq}) or 0) + 1
+    return queue_positions(session, [job.seq]).get(job.seq)
 
 
 def transition(

@@ -14,19 +14,10 @@ import pytest
 
 from core.store import upgrade
 from tests.serving import api_only_env, free_port, wait_until_up
-from tests.store.conftest import temporary_pg_database
+from tests.store.conftest import BACKENDS, empty_database
 
 TOKEN = "tok-replica-6c1f0a9e"
 REPLICAS = 2
-
-
-@contextmanager
-def database(backend: str, root: Path) -> Iterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{root / 'shared.db'}"
-    else:
-        with temporary_pg_database() as url:
-            yield url
 
 
 @contextmanager
@@ -64,10 +55,10 @@ def replicas(url: str, root: Path) -> Iterator[list[str]]:
                     proc.wait(10)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_replicas_start_together_and_share_jobs_and_idempotency(backend: str, tmp_path: Path) -> None:
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    with database(backend, tmp_path) as url, replicas(url, tmp_path) as urls:
+    with empty_database(backend, tmp_path) as url, replicas(url, tmp_path) as urls:
         spec = {
             "name": "r",
             "model": str(tmp_path / "model"),
