@@ -97,6 +97,19 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+def problem_from(request: Request, exc: ProblemError) -> JSONResponse:
+    """The response for a raised ProblemError."""
+    return problem_response(
+        request,
+        exc.status,
+        exc.detail,
+        errors=exc.errors,
+        headers=exc.headers,
+        type_=exc.type,
+        title=exc.title,
+    )
+
+
 def _dotted(loc: tuple[Any, ...] | list[Any], skip_body: bool = True) -> str:
     parts = list(loc)
     if skip_body and parts and parts[0] == "body":
@@ -128,15 +141,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(
-            request,
-            exc.status,
-            exc.detail,
-            errors=exc.errors,
-            headers=exc.headers,
-            type_=exc.type,
-            title=exc.title,
-        )
+        return problem_from(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from api.errors import install_error_handlers
+from api.hot_path import JobReadFastPath, job_route
 from api.logging import configure_logging
 from api.metrics import ApiMetrics
 from api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -110,13 +111,15 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     for module in (health, jobs, stream, datasets, webhooks, docs, dashboard):
         app.include_router(module.router)
 
-    # Added last = outermost: request context wraps auth, auth wraps the body limit.
+    # Added last = outermost: request context wraps auth, auth wraps the GET-a-job fast path, which
+    # wraps the body limit (a GET's body is never read).
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_request_bytes,
         upload_limit=settings.max_upload_bytes,
         upload_paths=UPLOAD_PATHS,
     )
+    app.add_middleware(JobReadFastPath, db=db, route=job_route())
     app.add_middleware(AuthMiddleware, authenticator=authenticator, public_paths=public_paths)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

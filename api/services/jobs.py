@@ -160,8 +160,7 @@ def _found_or_404(found: JobRow | None, job_id: str) -> JobOut:
 
 def get(db: Database, principal: Principal, job_id: str) -> JobOut:
     """One job (404 if it does not exist or belongs to another project), read without the ORM."""
-    with db.point_read() as conn:
-        return _found_or_404(read_job_row(conn, job_id, project=principal.scope), job_id)
+    return _found_or_404(read_job_row(db, job_id, project=principal.scope), job_id)
 
 
 async def get_async(db: Database, principal: Principal, job_id: str) -> JobOut:

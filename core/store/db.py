@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
+
+from core.store.point_reads import HeldConnections, PointQuery
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Connections kept open per engine, and extra ones opened (and closed again) under bursts. SQLAlchemy's 5
@@ -60,8 +62,7 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
-        if mode is not None:  # None: no transaction, each statement reads its own snapshot
-            conn.exec_driver_sql(f"BEGIN {mode}")
+        conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def make_engine(url: str | URL, **kwargs: Any) -> Engine:
@@ -104,12 +105,14 @@ class Database:
         )
         self._read_factory = sessionmaker(self.engine, expire_on_commit=False)
         self._point_engine: Engine | None = None
-        self._point_reader = self.engine
+        self._held: HeldConnections | None = None
+        self._point_queries: dict[int, tuple[Any, PointQuery]] = {}
         if self.is_sqlite and sqlite_file(self.engine.url) is not None:
-            # Its own tiny pool, used from the event loop only: the loop never waits for a connection
-            # that the thread pool's requests hold. No transaction: one statement, one snapshot.
+            # A pool of its own for the point reads on the event loop: the loop keeps one connection
+            # (autocommit: each statement reads its own snapshot) and never waits for one that the
+            # thread pool's requests hold.
             self._point_engine = make_engine(self.engine.url, pool_size=1, max_overflow=1)
-            self._point_reader = self._point_engine.execution_options(**{_BEGIN_OPTION: None})
+            self._held = HeldConnections(self._point_engine)
         self._write_factory = sessionmaker(writer, expire_on_commit=False)
 
     @property
@@ -131,16 +134,31 @@ class Database:
             pool_size=POOL_SIZE + MAX_OVERFLOW,  # all kept: a connection opened per burst is a new backend
             max_overflow=0,  # past that, reads wait for a free connection without blocking the loop
             pool_pre_ping=False,
+            # Only single-statement point reads run here: autocommit sends no BEGIN, and with no
+            # transaction to end, a connection goes back to the pool without a ROLLBACK round trip.
+            isolation_level="AUTOCOMMIT",
+            pool_reset_on_return=None,
         )
 
     def session(self) -> Session:
         """A plain session (deferred transactions); the caller commits and closes it."""
         return self._read_factory()
 
-    def point_read(self) -> Connection:
-        """A Core connection for one short read on the event loop (use as a context manager). On a SQLite
-        file it comes from a pool of its own and opens no transaction (nothing to roll back)."""
-        return self._point_reader.connect()
+    def read_point(self, statement: Select[Any], values: Mapping[str, Any]) -> Any:
+        """The first row of a prebuilt `statement` (None if none), for one short read on the event loop.
+        On a SQLite file it runs on a connection this thread keeps open, without SQLAlchemy's per-call
+        machinery; elsewhere on a pooled connection."""
+        if self._held is None:
+            with self.engine.connect() as conn:
+                return conn.execute(statement, values).first()
+        return self._held.run(self._point_query(statement), values)
+
+    def _point_query(self, statement: Select[Any]) -> PointQuery:
+        cached = self._point_queries.get(id(statement))
+        if cached is None or cached[0] is not statement:  # the statement is kept: its id stays its own
+            cached = (statement, PointQuery(statement, self.engine.dialect))
+            self._point_queries[id(statement)] = cached
+        return cached[1]
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -158,6 +176,8 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection of the sync engines (see `close_async_engine` for the other)."""
         self.engine.dispose()
+        if self._held is not None:
+            self._held.close()
         if self._point_engine is not None:
             self._point_engine.dispose()
 

@@ -12,12 +12,13 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import bindparam, delete, func, select, update
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy import bindparam, case, delete, func, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
+from core.store.db import Database
 from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError
 from core.store.events import append_event
 from core.store.ids import new_job_id
@@ -162,16 +163,28 @@ def _scoped(stmt: Any, project: str | None) -> Any:
 # Built once: a statement object memoizes its compiled-cache key, so the hottest read (GET a job) skips
 # building the expression and hashing it on every call.
 _JOBS = Job.__table__
-_JOB_ROW_BY_ID = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
+
+
+def _queued_ahead(seq: Any) -> Any:
+    """Queued jobs (all projects) before `seq`: one index-range count on (status, seq)."""
+    earlier = _JOBS.alias("earlier")
+    return (
+        select(func.count())
+        .where(earlier.c.status == JobStatus.QUEUED.value, earlier.c.seq < seq)
+        .scalar_subquery()
+    )
+
+
+_QUEUED_AHEAD = select(_JOBS.c.seq, _queued_ahead(_JOBS.c.seq)).where(
+    _JOBS.c.seq.in_(bindparam("seqs", expanding=True))
+)
+"""(seq, queued jobs ahead of it) for the given seqs."""
+# The row and, for a queued job only, the jobs ahead of it: one statement, one round trip.
+_JOB_ROW_BY_ID = select(
+    _JOBS,
+    case((_JOBS.c.status == JobStatus.QUEUED.value, _queued_ahead(_JOBS.c.seq))).label("queued_ahead"),
+).where(_JOBS.c.id == bindparam("job_id"))
 _JOB_ROW_BY_ID_IN_PROJECT = _JOB_ROW_BY_ID.where(_JOBS.c.project == bindparam("project"))
-_EARLIER = aliased(Job)
-_QUEUED_AHEAD = select(
-    Job.seq,
-    select(func.count())
-    .where(_EARLIER.status == JobStatus.QUEUED.value, _EARLIER.seq < Job.seq)
-    .scalar_subquery(),
-).where(Job.seq.in_(bindparam("seqs", expanding=True)))
-"""(seq, queued jobs ahead of it) for the given seqs: one index-range count on (status, seq) per job."""
 
 
 def queue_positions(session: Session | Connection, seqs: list[int]) -> dict[int, int]:
@@ -185,8 +198,15 @@ def queue_positions(session: Session | Connection, seqs: list[int]) -> dict[int,
 class JobRow:
     """A row of the jobs table (columns named like Job's attributes) and its 1-based queue position."""
 
-    row: Row[Any]
+    row: Any
     queue_position: int | None
+
+    @classmethod
+    def of(cls, row: Any) -> JobRow | None:
+        """From a `_JOB_ROW_BY_ID` row (its last column: queued jobs ahead, or NULL when not queued)."""
+        if row is None:
+            return None
+        return cls(row, None if row.queued_ahead is None else int(row.queued_ahead) + 1)
 
 
 def _job_row_query(job_id: str, project: str | None) -> tuple[Any, dict[str, str]]:
@@ -195,29 +215,16 @@ def _job_row_query(job_id: str, project: str | None) -> tuple[Any, dict[str, str
     return _JOB_ROW_BY_ID_IN_PROJECT, {"job_id": job_id, "project": project}
 
 
-def _queued(row: Row[Any]) -> bool:
-    return bool(row.status == JobStatus.QUEUED.value)
-
-
-def read_job_row(conn: Connection, job_id: str, *, project: str | None = None) -> JobRow | None:
+def read_job_row(db: Database, job_id: str, *, project: str | None = None) -> JobRow | None:
     """The job's row and queue position without the ORM (the hot read path behind GET /v1/jobs/{id})."""
-    row = conn.execute(*_job_row_query(job_id, project)).first()
-    if row is None:
-        return None
-    return JobRow(row, queue_positions(conn, [row.seq]).get(row.seq) if _queued(row) else None)
+    return JobRow.of(db.read_point(*_job_row_query(job_id, project)))
 
 
 async def read_job_row_async(
     conn: AsyncConnection, job_id: str, *, project: str | None = None
 ) -> JobRow | None:
     """`read_job_row` on an asyncio connection (PostgreSQL: the event loop is free during the round trip)."""
-    row = (await conn.execute(*_job_row_query(job_id, project))).first()
-    if row is None:
-        return None
-    if not _queued(row):
-        return JobRow(row, None)
-    ahead = (await conn.execute(_QUEUED_AHEAD, {"seqs": [row.seq]})).one()[1]
-    return JobRow(row, int(ahead) + 1)
+    return JobRow.of((await conn.execute(*_job_row_query(job_id, project))).first())
 
 
 def get_job(session: Session, job_id: str, *, project: str | None = None) -> Job | None:

@@ -28,11 +28,10 @@ FIELDS = (
 
 
 def _read(db: Database, job_id: str, project: str | None = None) -> JobRow | None:
-    with db.point_read() as conn:  # what GET /v1/jobs/{id} uses (on SQLite: its own pool, no transaction)
-        found = read_job_row(conn, job_id, project=project)
-        if db.is_sqlite:
-            assert not conn.connection.dbapi_connection.in_transaction  # no BEGIN, nothing to roll back
-        return found
+    found = read_job_row(db, job_id, project=project)  # what GET /v1/jobs/{id} uses
+    if db.is_sqlite:  # on the connection this thread keeps: no transaction left open between reads
+        assert not db._held.get().in_transaction
+    return found
 
 
 def test_row_read_matches_the_orm_and_counts_the_queue(db: Database) -> None:
