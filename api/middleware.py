@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from starlette.requests import Request
@@ -40,7 +40,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = _header(scope, b"x-request-id")
-        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else secrets.token_hex(16)
         token = request_id_var.set(request_id)
         start = time.perf_counter()
         status: dict[str, Any] = {"code": 500, "started": False}
@@ -70,19 +70,20 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "<unmatched>"
             self.metrics.observe(scope.get("method", "GET"), template, status["code"], elapsed)
-            access_log.info(
-                "%s %s %s",
-                scope.get("method"),
-                scope.get("path"),
-                status["code"],
-                extra={
-                    "method": scope.get("method"),
-                    "path": scope.get("path"),
-                    "status": status["code"],
-                    "duration_ms": round(elapsed * 1000, 2),
-                    "request_id": request_id,
-                },
-            )
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "%s %s %s",
+                    scope.get("method"),
+                    scope.get("path"),
+                    status["code"],
+                    extra={
+                        "method": scope.get("method"),
+                        "path": scope.get("path"),
+                        "status": status["code"],
+                        "duration_ms": round(elapsed * 1000, 2),
+                        "request_id": request_id,
+                    },
+                )
             request_id_var.reset(token)
 
 

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     stop_ray_on_exit: bool = Field(True, description="Stop the local Ray head when the server exits cleanly")
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a token")
     log_json: bool = Field(True, description="One JSON object per log line (else plain text)")
+    otel: bool = Field(
+        False,
+        description="FastAPI's OpenTelemetry spans, metrics and logs (needs an OpenTelemetry SDK set up in "
+        "the process, e.g. by opentelemetry-instrument); off, nothing checks for one on each request",
+    )
     webhook_secret: SecretStr | None = Field(
         None, description="Master secret for webhook signatures (default: generated in the artifacts dir)"
     )

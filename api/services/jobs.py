@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Row, func, select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from api.errors import ProblemError, not_found
@@ -164,22 +163,8 @@ def get(db: Database, principal: Principal, job_id: str) -> JobOut:
 
 
 async def get_async(db: Database, principal: Principal, job_id: str) -> JobOut:
-    """`get` for the event loop: inline on SQLite (a local read), on the async engine on PostgreSQL."""
-    engine = db.async_engine
-    if engine is None:
-        return get(db, principal, job_id)
-
-    async def read() -> JobRow | None:
-        async with engine.connect() as conn:
-            return await read_job_row_async(conn, job_id, project=principal.scope)
-
-    try:
-        found = await read()
-    except DBAPIError as exc:  # no pre-ping on this pool: a connection the server dropped is retried once
-        if not exc.connection_invalidated:
-            raise
-        found = await read()
-    return _found_or_404(found, job_id)
+    """`get` for the event loop: inline on SQLite (a local read), on held async connections on PostgreSQL."""
+    return _found_or_404(await read_job_row_async(db, job_id, project=principal.scope), job_id)
 
 
 def cancel(db: Database, principal: Principal, job_id: str) -> JobOut:

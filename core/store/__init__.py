@@ -20,6 +20,7 @@ from core.store.dispatch import (
 from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError, StoreError
 from core.store.events import append_event, last_event_seq, list_events
 from core.store.jobs import (
+    JOB_VIEW_COLUMNS,
     TRANSITIONS,
     JobError,
     JobPage,
@@ -75,6 +76,7 @@ __all__ = [
     "record_attempt",
     "ADMIN_PROJECT",
     "TERMINAL_STATUSES",
+    "JOB_VIEW_COLUMNS",
     "TRANSITIONS",
     "ApiToken",
     "Base",

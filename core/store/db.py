@@ -10,16 +10,15 @@ from typing import Any
 
 from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.store.point_reads import HeldConnections, PointQuery
+from core.store.point_reads import AsyncHeldPool, HeldConnections, PointQuery, json_loads
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Connections kept open per engine, and extra ones opened (and closed again) under bursts. SQLAlchemy's 5
 # were too few for the API's thread pool: each request past them opened its own connection, which on
 # SQLite re-runs the pragmas and on PostgreSQL starts a backend process. PostgreSQL's budget: an API process
-# holds at most 2 x (POOL_SIZE + MAX_OVERFLOW) (sync and async engines), the dispatcher and each job's
+# holds at most 2 x (POOL_SIZE + MAX_OVERFLOW) (the sync engine and the async point reads), the dispatcher and each job's
 # driver POOL_SIZE + MAX_OVERFLOW (docs/deployment.md).
 POOL_SIZE = 10
 MAX_OVERFLOW = 10
@@ -78,10 +77,12 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
             path.expanduser().parent.mkdir(parents=True, exist_ok=True)
         connect_args = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         connect_args.update(kwargs.pop("connect_args", {}))
+        kwargs.setdefault("json_deserializer", json_loads)
         engine = create_engine(parsed, connect_args=connect_args, **kwargs)
         _configure_sqlite(engine)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("json_deserializer", json_loads)
     return create_engine(parsed, **kwargs)
 
 
@@ -120,25 +121,10 @@ class Database:
         return self.engine.url
 
     @cached_property
-    def async_engine(self) -> AsyncEngine | None:
-        """An asyncio engine on the same PostgreSQL database, for hot reads that must not block the event
-        loop on a network round trip; None on SQLite, whose reads are local and short enough to run inline.
-
-        No pre-ping (it would double the round trips of a point read): callers retry once when a
-        connection turns out to be dropped, which invalidates the pool's older connections too. Same
-        budget as the sync engine, but every connection is kept open."""
-        if self.is_sqlite:
-            return None
-        return create_async_engine(
-            self.engine.url,
-            pool_size=POOL_SIZE + MAX_OVERFLOW,  # all kept: a connection opened per burst is a new backend
-            max_overflow=0,  # past that, reads wait for a free connection without blocking the loop
-            pool_pre_ping=False,
-            # Only single-statement point reads run here: autocommit sends no BEGIN, and with no
-            # transaction to end, a connection goes back to the pool without a ROLLBACK round trip.
-            isolation_level="AUTOCOMMIT",
-            pool_reset_on_return=None,
-        )
+    def _async_reads(self) -> AsyncHeldPool | None:
+        """PostgreSQL connections for point reads on the event loop (none on SQLite: its reads are local
+        and short enough to run inline). Same budget as the sync engine, every connection kept open."""
+        return None if self.is_sqlite else AsyncHeldPool(self.engine, POOL_SIZE + MAX_OVERFLOW)
 
     def session(self) -> Session:
         """A plain session (deferred transactions); the caller commits and closes it."""
@@ -152,6 +138,13 @@ class Database:
             with self.engine.connect() as conn:
                 return conn.execute(statement, values).first()
         return self._held.run(self._point_query(statement), values)
+
+    async def read_point_async(self, statement: Select[Any], values: Mapping[str, Any]) -> Any:
+        """`read_point` for the event loop: on PostgreSQL the loop is free during the round trip."""
+        reads = self._async_reads
+        if reads is None:
+            return self.read_point(statement, values)
+        return await reads.run(self._point_query(statement), values)
 
     def _point_query(self, statement: Select[Any]) -> PointQuery:
         cached = self._point_queries.get(id(statement))
@@ -174,15 +167,15 @@ class Database:
             yield session
 
     def dispose(self) -> None:
-        """Close every pooled connection of the sync engines (see `close_async_engine` for the other)."""
+        """Close every pooled connection of the sync engines (see `close_async_reads` for the async ones)."""
         self.engine.dispose()
         if self._held is not None:
             self._held.close()
         if self._point_engine is not None:
             self._point_engine.dispose()
 
-    async def close_async_engine(self) -> None:
-        """Close the async engine's connections, from the event loop that used them (the app's shutdown)."""
-        engine = self.__dict__.pop("async_engine", None)
-        if engine is not None:
-            await engine.dispose()
+    async def close_async_reads(self) -> None:
+        """Close the async point-read connections, from the event loop that used them (the app's shutdown)."""
+        reads = self.__dict__.pop("_async_reads", None)
+        if reads is not None:
+            await reads.close()

@@ -15,7 +15,6 @@ from pydantic import BaseModel
 from sqlalchemy import bindparam, case, delete, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
 from core.store.db import Database
@@ -179,9 +178,15 @@ _QUEUED_AHEAD = select(_JOBS.c.seq, _queued_ahead(_JOBS.c.seq)).where(
     _JOBS.c.seq.in_(bindparam("seqs", expanding=True))
 )
 """(seq, queued jobs ahead of it) for the given seqs."""
-# The row and, for a queued job only, the jobs ahead of it: one statement, one round trip.
+# What the API shows of a job (JobRow.row), and for a queued job only the jobs ahead of it: one
+# statement, one round trip.
+JOB_VIEW_COLUMNS = (
+    "id", "project", "name", "status", "cancel_requested", "spec", "group_id", "created_at", "updated_at",
+    "started_at", "finished_at", "step", "total_steps", "latest_metrics", "error_code", "error_message",
+    "attempt", "seq",
+)  # fmt: skip
 _JOB_ROW_BY_ID = select(
-    _JOBS,
+    *(_JOBS.c[name] for name in JOB_VIEW_COLUMNS),
     case((_JOBS.c.status == JobStatus.QUEUED.value, _queued_ahead(_JOBS.c.seq))).label("queued_ahead"),
 ).where(_JOBS.c.id == bindparam("job_id"))
 _JOB_ROW_BY_ID_IN_PROJECT = _JOB_ROW_BY_ID.where(_JOBS.c.project == bindparam("project"))
@@ -220,11 +225,9 @@ def read_job_row(db: Database, job_id: str, *, project: str | None = None) -> Jo
     return JobRow.of(db.read_point(*_job_row_query(job_id, project)))
 
 
-async def read_job_row_async(
-    conn: AsyncConnection, job_id: str, *, project: str | None = None
-) -> JobRow | None:
-    """`read_job_row` on an asyncio connection (PostgreSQL: the event loop is free during the round trip)."""
-    return JobRow.of((await conn.execute(*_job_row_query(job_id, project))).first())
+async def read_job_row_async(db: Database, job_id: str, *, project: str | None = None) -> JobRow | None:
+    """`read_job_row` for the event loop (PostgreSQL: the loop is free during the round trip)."""
+    return JobRow.of(await db.read_point_async(*_job_row_query(job_id, project)))
 
 
 def get_job(session: Session, job_id: str, *, project: str | None = None) -> Job | None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 from core.store import (
+    JOB_VIEW_COLUMNS,
     Database,
     JobError,
     JobRow,
@@ -20,11 +19,7 @@ from core.store import (
 )
 from tests.store.test_store_jobs import new_job
 
-FIELDS = (
-    "id", "project", "name", "status", "cancel_requested", "spec", "group_id", "created_at", "updated_at",
-    "started_at", "finished_at", "step", "total_steps", "latest_metrics", "error_code", "error_message",
-    "attempt", "seq",
-)  # fmt: skip
+FIELDS = JOB_VIEW_COLUMNS
 
 
 def _read(db: Database, job_id: str, project: str | None = None) -> JobRow | None:
@@ -60,23 +55,20 @@ def test_row_read_is_scoped_by_project(db: Database) -> None:
     assert _read(db, "job_missing") is None
 
 
-def test_async_read_on_postgres_matches_the_sync_read(db: Database) -> None:
-    if db.async_engine is None:
-        pytest.skip("SQLite reads run inline on the event loop: no async engine")
+def test_async_read_matches_the_sync_read(db: Database) -> None:
     running, queued = new_job(db, "a"), new_job(db, "a")
     with db.write() as s:
         claim_queued(s, 1, "w")
 
     async def read_all() -> list[JobRow | None]:
         try:
-            async with db.async_engine.connect() as conn:
-                return [
-                    await read_job_row_async(conn, running),
-                    await read_job_row_async(conn, queued, project="a"),
-                    await read_job_row_async(conn, queued, project="b"),
-                ]
+            return [
+                await read_job_row_async(db, running),
+                await read_job_row_async(db, queued, project="a"),
+                await read_job_row_async(db, queued, project="b"),
+            ]
         finally:
-            await db.close_async_engine()
+            await db.close_async_reads()
 
     with ThreadPoolExecutor(1) as pool:  # a loop of its own, even if another test left one running here
         got = pool.submit(asyncio.run, read_all()).result()
@@ -86,3 +78,4 @@ def test_async_read_on_postgres_matches_the_sync_read(db: Database) -> None:
         assert found is not None and expected is not None
         assert found.queue_position == expected.queue_position
         assert {f: getattr(found.row, f) for f in FIELDS} == {f: getattr(expected.row, f) for f in FIELDS}
+    assert got[1].queue_position == 1
