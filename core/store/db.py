@@ -12,7 +12,8 @@ from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.store.point_reads import AsyncHeldPool, HeldConnections, PointQuery, json_loads
+from core.store.async_reads import AsyncHeldPool
+from core.store.point_reads import HeldConnections, PointQuery, json_loads
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Connections kept open per engine, and extra ones opened (and closed again) under bursts. SQLAlchemy's 5
@@ -139,12 +140,12 @@ class Database:
                 return conn.execute(statement, values).first()
         return self._held.run(self._point_query(statement), values)
 
-    async def read_point_async(self, statement: Select[Any], values: Mapping[str, Any]) -> Any:
-        """`read_point` for the event loop: on PostgreSQL the loop is free during the round trip."""
-        reads = self._async_reads
-        if reads is None:
-            return self.read_point(statement, values)
-        return await reads.run(self._point_query(statement), values)
+    async def read_by_key(self, statement: Select[Any], key: str, value: Any) -> Any:
+        """The row of `statement` (which selects `WHERE key = ANY(:keys)`) whose `key` column is `value`, or
+        None; from the event loop on PostgreSQL, where the reads of one loop turn share a query."""
+        if self._async_reads is None:
+            raise RuntimeError("batched reads need PostgreSQL: read SQLite inline with read_point")
+        return await self._async_reads.batch(self._point_query(statement), key).get(value)
 
     def _point_query(self, statement: Select[Any]) -> PointQuery:
         cached = self._point_queries.get(id(statement))

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import bindparam, case, delete, func, select, update
+from sqlalchemy import ARRAY, String, any_, bindparam, case, delete, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -185,11 +185,14 @@ JOB_VIEW_COLUMNS = (
     "started_at", "finished_at", "step", "total_steps", "latest_metrics", "error_code", "error_message",
     "attempt", "seq",
 )  # fmt: skip
-_JOB_ROW_BY_ID = select(
+_JOB_VIEW = select(
     *(_JOBS.c[name] for name in JOB_VIEW_COLUMNS),
     case((_JOBS.c.status == JobStatus.QUEUED.value, _queued_ahead(_JOBS.c.seq))).label("queued_ahead"),
-).where(_JOBS.c.id == bindparam("job_id"))
+)
+_JOB_ROW_BY_ID = _JOB_VIEW.where(_JOBS.c.id == bindparam("job_id"))
 _JOB_ROW_BY_ID_IN_PROJECT = _JOB_ROW_BY_ID.where(_JOBS.c.project == bindparam("project"))
+# PostgreSQL: the same rows for a list of ids (the event loop's coalesced reads).
+_JOB_ROWS_BY_IDS = _JOB_VIEW.where(_JOBS.c.id == any_(bindparam("keys", type_=ARRAY(String))))
 
 
 def queue_positions(session: Session | Connection, seqs: list[int]) -> dict[int, int]:
@@ -226,8 +229,14 @@ def read_job_row(db: Database, job_id: str, *, project: str | None = None) -> Jo
 
 
 async def read_job_row_async(db: Database, job_id: str, *, project: str | None = None) -> JobRow | None:
-    """`read_job_row` for the event loop (PostgreSQL: the loop is free during the round trip)."""
-    return JobRow.of(await db.read_point_async(*_job_row_query(job_id, project)))
+    """`read_job_row` for the event loop: inline on SQLite (a local read of ~50 µs); on PostgreSQL the
+    loop is free during the round trip, which it shares with the other reads of the same loop turn."""
+    if db.is_sqlite:
+        return read_job_row(db, job_id, project=project)
+    row = await db.read_by_key(_JOB_ROWS_BY_IDS, "id", job_id)
+    if row is None or (project is not None and row.project != project):
+        return None
+    return JobRow.of(row)
 
 
 def get_job(session: Session, job_id: str, *, project: str | None = None) -> Job | None:

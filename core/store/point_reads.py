@@ -7,7 +7,6 @@ and a pool checkout per call cost several times the read itself. Same SQL, same 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from collections import namedtuple
@@ -15,9 +14,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
-import psycopg
-from psycopg.types.json import set_json_loads
-from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine, Select
 from sqlalchemy.engine import Dialect
 
@@ -97,66 +93,3 @@ class HeldConnections:
         self._local = threading.local()
         for fairy in held:
             fairy.close()
-
-
-class _Dropped(Exception):
-    """The connection turned out to be closed by the server (restart, terminated backend, network)."""
-
-
-class AsyncHeldPool:
-    """psycopg connections kept open for point reads from one event loop: autocommit (no BEGIN, nothing to
-    roll back on return), no ping before use. A read that finds its connection dropped checks the pool's
-    other idle connections, which a server restart has dropped too, and is retried once."""
-
-    def __init__(self, engine: Engine, size: int) -> None:
-        _args, params = engine.dialect.create_connect_args(engine.url)  # SQLAlchemy's own URL mapping
-        self._kwargs = {**params, "autocommit": True}
-        self._size = size
-        self._opening: asyncio.Future[AsyncConnectionPool] | None = None
-
-    async def _pool(self) -> AsyncConnectionPool:
-        if self._opening is None:  # first read on this loop: open once, however many reads wait for it
-            self._opening = asyncio.ensure_future(self._open())
-        return await self._opening
-
-    async def _open(self) -> AsyncConnectionPool:
-        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
-            set_json_loads(json_loads, conn)  # as the engines decode (make_engine)
-
-        pool = AsyncConnectionPool(
-            kwargs=self._kwargs,
-            min_size=self._size,
-            max_size=self._size,
-            open=False,
-            name="point-reads",
-            configure=configure,
-        )
-        await pool.open(wait=False)
-        return pool
-
-    async def run(self, query: PointQuery, values: Mapping[str, Any]) -> Any:
-        """Run `query` and decode its first row (None if there is none)."""
-        pool = await self._pool()
-        try:
-            return await self._run(pool, query, values)
-        except _Dropped:
-            await pool.check()
-            return await self._run(pool, query, values)
-
-    @staticmethod
-    async def _run(pool: AsyncConnectionPool, query: PointQuery, values: Mapping[str, Any]) -> Any:
-        async with pool.connection() as conn:
-            try:
-                cursor = await conn.execute(query.sql, query.parameters(values))
-                rows = await cursor.fetchall()
-            except psycopg.OperationalError as exc:
-                if conn.broken:
-                    raise _Dropped() from exc
-                raise
-        return query.decode(rows[0] if rows else None)
-
-    async def close(self) -> None:
-        """Close the connections (from the loop that used them)."""
-        opening, self._opening = self._opening, None
-        if opening is not None:
-            await (await opening).close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from core.store import (
     JOB_VIEW_COLUMNS,
     Database,
@@ -17,6 +19,7 @@ from core.store import (
     read_job_row_async,
     transition,
 )
+from core.store.jobs import _JOB_ROWS_BY_IDS
 from tests.store.test_store_jobs import new_job
 
 FIELDS = JOB_VIEW_COLUMNS
@@ -79,3 +82,29 @@ def test_async_read_matches_the_sync_read(db: Database) -> None:
         assert found.queue_position == expected.queue_position
         assert {f: getattr(found.row, f) for f in FIELDS} == {f: getattr(expected.row, f) for f in FIELDS}
     assert got[1].queue_position == 1
+
+
+def test_concurrent_async_reads_share_queries_and_keep_their_scope(db: Database) -> None:
+    if db.is_sqlite:
+        pytest.skip("SQLite reads run inline, one at a time")
+    a1, a2, b1 = new_job(db, "a"), new_job(db, "a"), new_job(db, "b")
+    asks = [(a1, "a"), (a2, None), (b1, "a"), (b1, "b"), ("job_missing", None), (a1, "a"), (a2, "b")] * 3
+
+    async def read_all() -> tuple[list[JobRow | None], int]:
+        try:
+            got = await asyncio.gather(*(read_job_row_async(db, j, project=p) for j, p in asks))
+            return list(got), db._async_reads.batch(db._point_query(_JOB_ROWS_BY_IDS), "id").queries
+        finally:
+            await db.close_async_reads()
+
+    with ThreadPoolExecutor(1) as pool:
+        got, queries = pool.submit(asyncio.run, read_all()).result()
+    assert queries == 1, queries  # the 21 reads of one loop turn took one round trip
+    for (job_id, project), found in zip(asks, got, strict=True):
+        expected = _read(db, job_id, project)
+        if expected is None:
+            assert found is None, (job_id, project)
+        else:
+            assert found is not None and found.row.id == job_id
+            assert found.queue_position == expected.queue_position
+            assert {f: getattr(found.row, f) for f in FIELDS} == {f: getattr(expected.row, f) for f in FIELDS}

@@ -1,0 +1,137 @@
+"""Point reads from the event loop on PostgreSQL: held psycopg connections, and the reads of one loop turn
+coalesced into one `key = ANY(...)` query (one checkout, one round trip, one backend wake-up for all)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg.types.json import set_json_loads
+from psycopg_pool import AsyncConnectionPool
+from sqlalchemy import Engine
+
+from core.store.point_reads import PointQuery, json_loads
+
+
+class _Dropped(Exception):
+    """The connection turned out to be closed by the server (restart, terminated backend, network)."""
+
+
+class AsyncHeldPool:
+    """psycopg connections kept open for point reads from one event loop: autocommit (no BEGIN, nothing to
+    roll back on return), no ping before use. A read that finds its connection dropped checks the pool's
+    other idle connections, which a server restart has dropped too, and is retried once."""
+
+    def __init__(self, engine: Engine, size: int) -> None:
+        _args, params = engine.dialect.create_connect_args(engine.url)  # SQLAlchemy's own URL mapping
+        self._kwargs = {**params, "autocommit": True}
+        self._size = size
+        self._opening: asyncio.Future[AsyncConnectionPool] | None = None
+        self._batches: dict[tuple[int, str], KeyBatch] = {}
+
+    async def _pool(self) -> AsyncConnectionPool:
+        if self._opening is None:  # first read on this loop: open once, however many reads wait for it
+            self._opening = asyncio.ensure_future(self._open())
+        return await self._opening
+
+    async def _open(self) -> AsyncConnectionPool:
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            set_json_loads(json_loads, conn)  # as the engines decode (make_engine)
+
+        pool = AsyncConnectionPool(
+            kwargs=self._kwargs,
+            min_size=self._size,
+            max_size=self._size,
+            open=False,
+            name="point-reads",
+            configure=configure,
+        )
+        await pool.open(wait=False)
+        return pool
+
+    async def fetch(self, query: PointQuery, values: Mapping[str, Any]) -> list[Any]:
+        """Run `query` and decode every row."""
+        pool = await self._pool()
+        try:
+            return await self._fetch(pool, query, values)
+        except _Dropped:
+            await pool.check()
+            return await self._fetch(pool, query, values)
+
+    @staticmethod
+    async def _fetch(pool: AsyncConnectionPool, query: PointQuery, values: Mapping[str, Any]) -> list[Any]:
+        async with pool.connection() as conn:
+            try:
+                cursor = await conn.execute(query.sql, query.parameters(values))
+                rows = await cursor.fetchall()
+            except psycopg.OperationalError as exc:
+                if conn.broken:
+                    raise _Dropped() from exc
+                raise
+        return [query.decode(row) for row in rows]
+
+    def batch(self, query: PointQuery, key: str) -> KeyBatch:
+        """The coalescing reader of `query` (whose `keys` parameter is the list of `key` values to read)."""
+        found = self._batches.get((id(query), key))
+        if found is None:
+            found = self._batches[(id(query), key)] = KeyBatch(self, query, key)
+        return found
+
+    async def close(self) -> None:
+        """Close the connections (from the loop that used them)."""
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            await (await opening).close()
+
+
+class KeyBatch:
+    """Reads rows by key; every key asked for during one turn of the event loop goes out in one query.
+
+    Under load, requests that become ready together share a round trip instead of paying one each
+    (about 0.5 ms of Python and a backend wake-up on 2 cores); a lone read waits one loop turn."""
+
+    def __init__(self, reads: AsyncHeldPool, query: PointQuery, key: str) -> None:
+        self._reads = reads
+        self._query = query
+        self._key = key
+        self._waiting: dict[Any, list[asyncio.Future[Any]]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self.queries = 0  # how many queries served the reads so far (what the coalescing saves)
+
+    async def get(self, key: Any) -> Any:
+        """The row whose key is `key`, or None."""
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._flush)  # after the reads that this loop turn has already queued
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.setdefault(key, []).append(future)
+        return await future
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        task = asyncio.ensure_future(self._run(waiting))
+        self._running.add(task)  # a reference until it is done
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, waiting: dict[Any, list[asyncio.Future[Any]]]) -> None:
+        self.queries += 1
+        try:
+            rows = await self._reads.fetch(self._query, {"keys": list(waiting)})
+        except asyncio.CancelledError:
+            for futures in waiting.values():
+                for future in futures:
+                    future.cancel()
+            raise
+        except Exception as exc:  # every reader of this batch gets the error
+            for futures in waiting.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+            return
+        found = {getattr(row, self._key): row for row in rows}
+        for key, futures in waiting.items():
+            for future in futures:
+                if not future.done():  # a reader whose request was cancelled meanwhile
+                    future.set_result(found.get(key))
