@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from core.store.errors import NotFoundError
 from core.store.models import Job, MetricPoint, utcnow
+from core.store.point_reads import json_loads
 
 METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./:-]{0,127}$")
 MAX_LIMIT = 100_000
@@ -219,9 +220,8 @@ def metric_series(
         "after": -1 if after_step is None else after_step,
         "lim": limit + 1,
     }
-    where = "job_id = :job_id AND step > :after"
-    if wanted:
-        where += " " + _names_filter(dialect, wanted, params)
+    names_sql = " " + _names_filter(dialect, wanted, params) if wanted else ""
+    where = "job_id = :job_id AND step > :after" + names_sql
     plain = f"SELECT step, wall_time, metrics FROM metric_points WHERE {where} ORDER BY step LIMIT :lim"
     picked_steps: list[int] | None = None
     if max_points is not None:
@@ -234,7 +234,12 @@ def metric_series(
     if max_points is None:
         sql = plain
     elif picked_steps is not None:
-        sql = f"SELECT step, wall_time, metrics FROM metric_points WHERE {where} AND step IN :steps ORDER BY step LIMIT :lim"
+        # Primary-key lookups only: the picked steps all lie in the range, and with `step > :after` as
+        # well SQLite scans the whole range instead (40 ms instead of 10 for 500 of 100k rows).
+        sql = (
+            "SELECT step, wall_time, metrics FROM metric_points "
+            f"WHERE job_id = :job_id AND step IN :steps{names_sql} ORDER BY step LIMIT :lim"
+        )
         params["steps"] = picked_steps
     else:
         params["m"] = max_points
@@ -262,7 +267,7 @@ def metric_series(
     more = len(result) > limit
     rows: list[MetricRow] = []
     for step, wall, metrics in result[:limit]:
-        values = metrics if isinstance(metrics, dict) else json.loads(metrics)
+        values = metrics if isinstance(metrics, dict) else json_loads(metrics)
         if wanted:
             values = {k: values[k] for k in wanted if k in values}
         rows.append(MetricRow(step=int(step), time=float(wall), values=values))
