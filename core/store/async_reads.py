@@ -24,10 +24,10 @@ class AsyncHeldPool:
     roll back on return), no ping before use. A read that finds its connection dropped checks the pool's
     other idle connections, which a server restart has dropped too, and is retried once."""
 
-    def __init__(self, engine: Engine, size: int) -> None:
+    def __init__(self, engine: Engine, min_size: int, max_size: int) -> None:
         _args, params = engine.dialect.create_connect_args(engine.url)  # SQLAlchemy's own URL mapping
         self._kwargs = {**params, "autocommit": True}
-        self._size = size
+        self._sizes = (min_size, max_size)
         self._opening: asyncio.Future[AsyncConnectionPool] | None = None
         self._batches: dict[tuple[int, str], KeyBatch] = {}
 
@@ -42,8 +42,8 @@ class AsyncHeldPool:
 
         pool = AsyncConnectionPool(
             kwargs=self._kwargs,
-            min_size=self._size,
-            max_size=self._size,
+            min_size=self._sizes[0],
+            max_size=self._sizes[1],
             open=False,
             name="point-reads",
             configure=configure,

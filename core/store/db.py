@@ -18,9 +18,9 @@ from core.store.point_reads import HeldConnections, PointQuery, json_loads
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Connections kept open per engine, and extra ones opened (and closed again) under bursts. SQLAlchemy's 5
 # were too few for the API's thread pool: each request past them opened its own connection, which on
-# SQLite re-runs the pragmas and on PostgreSQL starts a backend process. PostgreSQL's budget: an API process
-# holds at most 2 x (POOL_SIZE + MAX_OVERFLOW) (the sync engine and the async point reads), the dispatcher and each job's
-# driver POOL_SIZE + MAX_OVERFLOW (docs/deployment.md).
+# SQLite re-runs the pragmas and on PostgreSQL starts a backend process. PostgreSQL's budget: an API
+# process holds at most POOL_SIZE + MAX_OVERFLOW in its sync engine plus POOL_SIZE for the event loop's
+# point reads; the dispatcher and each job's driver POOL_SIZE + MAX_OVERFLOW (docs/deployment.md).
 POOL_SIZE = 10
 MAX_OVERFLOW = 10
 _BEGIN_OPTION = "minordpo_sqlite_begin"
@@ -124,8 +124,8 @@ class Database:
     @cached_property
     def _async_reads(self) -> AsyncHeldPool | None:
         """PostgreSQL connections for point reads on the event loop (none on SQLite: its reads are local
-        and short enough to run inline). Same budget as the sync engine, every connection kept open."""
-        return None if self.is_sqlite else AsyncHeldPool(self.engine, POOL_SIZE + MAX_OVERFLOW)
+        and short enough to run inline). The reads of one loop turn share a query, so a few are plenty."""
+        return None if self.is_sqlite else AsyncHeldPool(self.engine, min_size=2, max_size=POOL_SIZE)
 
     def session(self) -> Session:
         """A plain session (deferred transactions); the caller commits and closes it."""
