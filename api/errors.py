@@ -110,6 +110,12 @@ def problem_from(request: Request, exc: ProblemError) -> JSONResponse:
     )
 
 
+def validation_problem(request: Request, exc: ValidationError) -> JSONResponse:
+    """The 422 for a pydantic ValidationError raised while answering (not a request-body error)."""
+    errors = pydantic_errors(list(exc.errors()), skip_body=False)
+    return problem_response(request, 422, summary(errors), errors=errors)
+
+
 def _dotted(loc: tuple[Any, ...] | list[Any], skip_body: bool = True) -> str:
     parts = list(loc)
     if skip_body and parts and parts[0] == "body":
@@ -153,8 +159,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValidationError)
     async def _pydantic(request: Request, exc: ValidationError) -> JSONResponse:
-        errors = pydantic_errors(list(exc.errors()), skip_body=False)
-        return problem_response(request, 422, summary(errors), errors=errors)
+        return validation_problem(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

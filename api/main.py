@@ -114,15 +114,17 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     for module in (health, jobs, stream, datasets, webhooks, docs, dashboard):
         app.include_router(module.router)
 
-    # Added last = outermost: request context wraps auth, auth wraps the GET-a-job fast path, which
-    # wraps the body limit (a GET's body is never read).
+    # Added last = outermost: request context wraps auth, auth wraps the body limit, which wraps the
+    # GET-a-job fast path. With OpenTelemetry on, that GET goes through the router: FastAPI's spans
+    # name their route there.
+    if not settings.otel:
+        app.add_middleware(JobReadFastPath, db=db, route=job_route())
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_request_bytes,
         upload_limit=settings.max_upload_bytes,
         upload_paths=UPLOAD_PATHS,
     )
-    app.add_middleware(JobReadFastPath, db=db, route=job_route())
     app.add_middleware(AuthMiddleware, authenticator=authenticator, public_paths=public_paths)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

@@ -40,7 +40,6 @@ from core.store import (
     list_jobs,
     metric_series,
     queue_positions,
-    read_job_row,
     read_job_row_async,
 )
 
@@ -155,11 +154,6 @@ def _found_or_404(found: JobRow | None, job_id: str) -> JobOut:
     if found is None:
         raise not_found("job", job_id)
     return to_out(found.row, found.queue_position)
-
-
-def get(db: Database, principal: Principal, job_id: str) -> JobOut:
-    """One job (404 if it does not exist or belongs to another project), read without the ORM."""
-    return _found_or_404(read_job_row(db, job_id, project=principal.scope), job_id)
 
 
 async def get_async(db: Database, principal: Principal, job_id: str) -> JobOut:

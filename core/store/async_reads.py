@@ -1,10 +1,12 @@
-"""Point reads from the event loop on PostgreSQL: held psycopg connections, and the reads of one loop turn
-coalesced into one `key = ANY(...)` query (one checkout, one round trip, one backend wake-up for all)."""
+"""Point reads from the event loop on PostgreSQL: held psycopg connections, one query per loop turn's reads."""
+
+# The reads of one loop turn go out as one `key = ANY(...)` query: one checkout, one round trip, one
+# backend wake-up for all of them.
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import psycopg
@@ -19,13 +21,21 @@ class _Dropped(Exception):
     """The connection turned out to be closed by the server (restart, terminated backend, network)."""
 
 
+# How long a read waits for a connection (e.g. while PostgreSQL is down) before it fails.
+CHECKOUT_TIMEOUT_S = 5.0
+
+
 class AsyncHeldPool:
     """psycopg connections kept open for point reads from one event loop: autocommit (no BEGIN, nothing to
     roll back on return), no ping before use. A read that finds its connection dropped checks the pool's
-    other idle connections, which a server restart has dropped too, and is retried once."""
+    other idle connections, which a server restart has dropped too, and is retried once.
 
-    def __init__(self, engine: Engine, min_size: int, max_size: int) -> None:
+    Connection parameters come from the engine's URL (what `create_connect_args` makes of it); an
+    engine's `connect_args` or connect hooks do not reach this pool."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, min_size: int, max_size: int) -> None:
         _args, params = engine.dialect.create_connect_args(engine.url)  # SQLAlchemy's own URL mapping
+        self.loop = loop
         self._kwargs = {**params, "autocommit": True}
         self._sizes = (min_size, max_size)
         self._opening: asyncio.Future[AsyncConnectionPool] | None = None
@@ -34,7 +44,11 @@ class AsyncHeldPool:
     async def _pool(self) -> AsyncConnectionPool:
         if self._opening is None:  # first read on this loop: open once, however many reads wait for it
             self._opening = asyncio.ensure_future(self._open())
-        return await self._opening
+        try:
+            return await self._opening
+        except Exception:
+            self._opening = None  # the next read tries again
+            raise
 
     async def _open(self) -> AsyncConnectionPool:
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -47,6 +61,7 @@ class AsyncHeldPool:
             open=False,
             name="point-reads",
             configure=configure,
+            timeout=CHECKOUT_TIMEOUT_S,
         )
         await pool.open(wait=False)
         return pool
@@ -116,22 +131,50 @@ class KeyBatch:
         task.add_done_callback(self._running.discard)
 
     async def _run(self, waiting: dict[Any, list[asyncio.Future[Any]]]) -> None:
-        self.queries += 1
         try:
-            rows = await self._reads.fetch(self._query, {"keys": list(waiting)})
+            found = await self._read(list(waiting))
         except asyncio.CancelledError:
-            for futures in waiting.values():
-                for future in futures:
-                    future.cancel()
+            _cancel(waiting.values())
             raise
-        except Exception as exc:  # every reader of this batch gets the error
-            for futures in waiting.values():
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(exc)
+        except Exception as exc:
+            if len(waiting) == 1:
+                _fail(next(iter(waiting.values())), exc)
+                return
+            # One bad key must not fail the other readers (another project's requests, say): each key
+            # on its own, so every reader gets its own row or its own error.
+            for key, futures in waiting.items():
+                try:
+                    one = await self._read([key])
+                except asyncio.CancelledError:
+                    _cancel(waiting.values())
+                    raise
+                except Exception as own:
+                    _fail(futures, own)
+                else:
+                    _resolve(futures, one.get(key))
             return
-        found = {getattr(row, self._key): row for row in rows}
         for key, futures in waiting.items():
-            for future in futures:
-                if not future.done():  # a reader whose request was cancelled meanwhile
-                    future.set_result(found.get(key))
+            _resolve(futures, found.get(key))
+
+    async def _read(self, keys: list[Any]) -> dict[Any, Any]:
+        self.queries += 1
+        rows = await self._reads.fetch(self._query, {"keys": keys})
+        return {getattr(row, self._key): row for row in rows}
+
+
+def _cancel(groups: Iterable[list[asyncio.Future[Any]]]) -> None:
+    for futures in groups:
+        for future in futures:
+            future.cancel()  # a no-op on the ones already resolved
+
+
+def _fail(futures: list[asyncio.Future[Any]], exc: Exception) -> None:
+    for future in futures:
+        if not future.done():  # a reader whose request was cancelled meanwhile
+            future.set_exception(exc)
+
+
+def _resolve(futures: list[asyncio.Future[Any]], row: Any) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(row)

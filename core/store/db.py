@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +109,12 @@ class Database:
         self._point_engine: Engine | None = None
         self._held: HeldConnections | None = None
         self._point_queries: dict[int, tuple[Any, PointQuery]] = {}
+        self._reads: AsyncHeldPool | None = None
         if self.is_sqlite and sqlite_file(self.engine.url) is not None:
             # A pool of its own for the point reads on the event loop: the loop keeps one connection
             # (autocommit: each statement reads its own snapshot) and never waits for one that the
-            # thread pool's requests hold.
-            self._point_engine = make_engine(self.engine.url, pool_size=1, max_overflow=1)
+            # thread pool's requests hold; other threads borrow from the overflow.
+            self._point_engine = make_engine(self.engine.url, pool_size=1, max_overflow=4)
             self._held = HeldConnections(self._point_engine)
         self._write_factory = sessionmaker(writer, expire_on_commit=False)
 
@@ -121,11 +122,15 @@ class Database:
     def url(self) -> URL:
         return self.engine.url
 
-    @cached_property
-    def _async_reads(self) -> AsyncHeldPool | None:
-        """PostgreSQL connections for point reads on the event loop (none on SQLite: its reads are local
-        and short enough to run inline). The reads of one loop turn share a query, so a few are plenty."""
-        return None if self.is_sqlite else AsyncHeldPool(self.engine, min_size=2, max_size=POOL_SIZE)
+    def _async_reads(self) -> AsyncHeldPool:
+        """PostgreSQL connections for point reads on the running event loop, made on its first read (a
+        pool is bound to its loop: another loop, e.g. a second app in a test process, gets its own).
+        The reads of one loop turn share a query, so a few connections are plenty."""
+        loop = asyncio.get_running_loop()
+        reads = self._reads
+        if reads is None or reads.loop is not loop:
+            reads = self._reads = AsyncHeldPool(self.engine, loop, min_size=2, max_size=POOL_SIZE)
+        return reads
 
     def session(self) -> Session:
         """A plain session (deferred transactions); the caller commits and closes it."""
@@ -143,9 +148,9 @@ class Database:
     async def read_by_key(self, statement: Select[Any], key: str, value: Any) -> Any:
         """The row of `statement` (which selects `WHERE key = ANY(:keys)`) whose `key` column is `value`, or
         None; from the event loop on PostgreSQL, where the reads of one loop turn share a query."""
-        if self._async_reads is None:
+        if self.is_sqlite:
             raise RuntimeError("batched reads need PostgreSQL: read SQLite inline with read_point")
-        return await self._async_reads.batch(self._point_query(statement), key).get(value)
+        return await self._async_reads().batch(self._point_query(statement), key).get(value)
 
     def _point_query(self, statement: Select[Any]) -> PointQuery:
         cached = self._point_queries.get(id(statement))
@@ -177,6 +182,6 @@ class Database:
 
     async def close_async_reads(self) -> None:
         """Close the async point-read connections, from the event loop that used them (the app's shutdown)."""
-        reads = self.__dict__.pop("_async_reads", None)
-        if reads is not None:
+        reads, self._reads = self._reads, None
+        if reads is not None and reads.loop is asyncio.get_running_loop():
             await reads.close()

@@ -233,6 +233,8 @@ async def read_job_row_async(db: Database, job_id: str, *, project: str | None =
     loop is free during the round trip, which it shares with the other reads of the same loop turn."""
     if db.is_sqlite:
         return read_job_row(db, job_id, project=project)
+    if "\x00" in job_id:  # PostgreSQL text cannot hold NUL: no job has this id
+        return None
     row = await db.read_by_key(_JOB_ROWS_BY_IDS, "id", job_id)
     if row is None or (project is not None and row.project != project):
         return None

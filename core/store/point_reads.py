@@ -1,26 +1,35 @@
-"""Point reads without the per-call cost of the SQL layer: a statement compiled once, run on a DB-API
-connection that stays open, its columns decoded by SQLAlchemy's own result processors.
+"""Point reads without the SQL layer's per-call cost: statements compiled once, kept connections, same values."""
 
-For the hottest read of the API (GET /v1/jobs/{id}), where on 2 cores SQLAlchemy's execution machinery
-and a pool checkout per call cost several times the read itself. Same SQL, same Python values.
-"""
+# For the hottest read of the API (GET /v1/jobs/{id}), where on 2 cores SQLAlchemy's execution machinery
+# and a pool checkout per call cost several times the read itself. Same SQL, same Python values: the
+# columns are decoded by SQLAlchemy's own result processors.
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import namedtuple
 from collections.abc import Callable, Mapping
+from contextlib import closing
 from typing import Any
 
 import orjson
 from sqlalchemy import Engine, Select
 from sqlalchemy.engine import Dialect
 
+# orjson reads integers past 64 bits as floats: text with 19 digits in a row goes to json.loads instead
+# (rare: a huge seed, say; a long number inside a string takes the slow path too, with the same result).
+_LONG_NUMBER = re.compile(r"[0-9]{19}")
+_LONG_NUMBER_BYTES = re.compile(rb"[0-9]{19}")
+
 
 def json_loads(text: str | bytes) -> Any:
-    """orjson's parser (3x the standard library's here), and json.loads for what orjson refuses but
-    Python's json writes (NaN, Infinity, integers past 64 bits): the same values either way."""
+    """orjson's parser (3x the standard library's here), and json.loads for what orjson refuses or reads
+    differently (NaN, Infinity, integers past 64 bits): the values json.loads gives, either way."""
+    pattern = _LONG_NUMBER if isinstance(text, str) else _LONG_NUMBER_BYTES
+    if pattern.search(text):
+        return json.loads(text)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -62,34 +71,48 @@ class PointQuery:
 
 
 class HeldConnections:
-    """One DB-API connection per thread, checked out of `engine`'s pool once and kept (the event loop's)."""
+    """A DB-API connection kept by the first thread that reads (the event loop's); other threads check
+    one out of `engine`'s pool per read and give it back."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._local = threading.local()
-        self._held: list[Any] = []
+        self._owner: int | None = None
+        self._held: Any = None  # the owner's pool connection
         self._lock = threading.Lock()
 
-    def get(self) -> Any:
-        """This thread's driver connection (SQLite: autocommit, so no statement leaves a transaction open)."""
-        fairy = getattr(self._local, "fairy", None)
-        if fairy is None:
-            fairy = self.engine.raw_connection()
-            with self._lock:
-                self._held.append(fairy)
-            self._local.fairy = fairy
-        return fairy.driver_connection
+    def _claim(self) -> Any | None:
+        """The held connection if this thread owns it (or now claims it), else None."""
+        me = threading.get_ident()
+        if self._owner == me:
+            return self._held
+        with self._lock:
+            if self._owner is None:
+                self._held = self.engine.raw_connection()
+                self._owner = me
+                return self._held
+        return None
 
     def run(self, query: PointQuery, values: Mapping[str, Any]) -> Any:
         """Run `query` and decode its first row (None if there is none). Fetches every row, so SQLite
-        resets the statement and holds no read snapshot between calls."""
-        rows = self.get().execute(query.sql, query.parameters(values)).fetchall()
+        resets the statement and holds no read snapshot between calls (autocommit: no transaction)."""
+        held = self._claim()
+        if held is not None:
+            return self._run(held, query, values)
+        with closing(self.engine.raw_connection()) as borrowed:
+            return self._run(borrowed, query, values)
+
+    @staticmethod
+    def _run(fairy: Any, query: PointQuery, values: Mapping[str, Any]) -> Any:
+        rows = fairy.driver_connection.execute(query.sql, query.parameters(values)).fetchall()
         return query.decode(rows[0] if rows else None)
 
+    def in_transaction(self) -> bool:
+        """Whether the held connection has a transaction open (never, after a read: for tests)."""
+        return bool(self._held is not None and self._held.driver_connection.in_transaction)
+
     def close(self) -> None:
-        """Give every held connection back to the pool (call from the owner's shutdown)."""
+        """Give the held connection back to the pool (the owner's shutdown); the next read claims anew."""
         with self._lock:
-            held, self._held = self._held, []
-        self._local = threading.local()
-        for fairy in held:
-            fairy.close()
+            held, self._held, self._owner = self._held, None, None
+        if held is not None:
+            held.close()

@@ -70,3 +70,29 @@ def test_fast_path_keeps_auth_metrics_and_request_ids(client: TestClient, spec: 
         and 'method="GET"' in x
     )
     assert float(line.rsplit(" ", 1)[1]) == 1.0
+
+
+def test_fast_path_keeps_the_body_limit(
+    client: TestClient, route_only: TestClient, spec: dict[str, Any]
+) -> None:
+    job_id = client.post("/v1/jobs", json=spec, headers=auth()).json()["id"]
+    huge = {**auth(), "Content-Length": "999999999999"}
+    fast, route = (
+        client.get(f"/v1/jobs/{job_id}", headers=huge),
+        route_only.get(f"/v1/jobs/{job_id}", headers=huge),
+    )
+    assert fast.status_code == route.status_code == 413
+    assert fast.json()["detail"] == route.json()["detail"]
+
+
+def test_with_opentelemetry_on_the_router_answers(make_settings: Any) -> None:
+    app = create_app(make_settings(otel=True))
+    try:
+        assert all(m.cls is not JobReadFastPath for m in app.user_middleware)
+    finally:
+        app.state.db.dispose()
+    app = create_app(make_settings())
+    try:
+        assert any(m.cls is JobReadFastPath for m in app.user_middleware)
+    finally:
+        app.state.db.dispose()

@@ -28,7 +28,7 @@ FIELDS = JOB_VIEW_COLUMNS
 def _read(db: Database, job_id: str, project: str | None = None) -> JobRow | None:
     found = read_job_row(db, job_id, project=project)  # what GET /v1/jobs/{id} uses
     if db.is_sqlite:  # on the connection this thread keeps: no transaction left open between reads
-        assert not db._held.get().in_transaction
+        assert not db._held.in_transaction()
     return found
 
 
@@ -93,7 +93,7 @@ def test_concurrent_async_reads_share_queries_and_keep_their_scope(db: Database)
     async def read_all() -> tuple[list[JobRow | None], int]:
         try:
             got = await asyncio.gather(*(read_job_row_async(db, j, project=p) for j, p in asks))
-            return list(got), db._async_reads.batch(db._point_query(_JOB_ROWS_BY_IDS), "id").queries
+            return list(got), db._async_reads().batch(db._point_query(_JOB_ROWS_BY_IDS), "id").queries
         finally:
             await db.close_async_reads()
 
@@ -108,3 +108,34 @@ def test_concurrent_async_reads_share_queries_and_keep_their_scope(db: Database)
             assert found is not None and found.row.id == job_id
             assert found.queue_position == expected.queue_position
             assert {f: getattr(found.row, f) for f in FIELDS} == {f: getattr(expected.row, f) for f in FIELDS}
+
+
+def test_a_key_the_database_refuses_fails_no_other_read(db: Database) -> None:
+    if db.is_sqlite:
+        pytest.skip("SQLite reads run inline, one at a time")
+    job_id = new_job(db, "a")
+
+    async def read_all() -> list[object]:
+        try:
+            return await asyncio.gather(
+                db.read_by_key(_JOB_ROWS_BY_IDS, "id", job_id),
+                db.read_by_key(_JOB_ROWS_BY_IDS, "id", "bad\x00id"),  # PostgreSQL text refuses NUL
+                read_job_row_async(db, "job\x00x"),
+                return_exceptions=True,
+            )
+        finally:
+            await db.close_async_reads()
+
+    with ThreadPoolExecutor(1) as pool:
+        good, bad, via_api = pool.submit(asyncio.run, read_all()).result()
+    assert getattr(good, "id", None) == job_id  # its batch-mate's error did not reach it
+    assert isinstance(bad, Exception)
+    assert via_api is None  # the API's read answers "no such job" for an id no row can have
+
+
+def test_reads_from_other_threads_borrow_a_connection(db: Database) -> None:
+    job_ids = [new_job(db, "a") for _ in range(3)]
+    assert _read(db, job_ids[0]) is not None  # this thread keeps a connection (on SQLite)
+    with ThreadPoolExecutor(4) as pool:  # more threads than the point-read pool keeps
+        found = list(pool.map(lambda j: read_job_row(db, j), job_ids * 4))
+    assert [f.row.id for f in found] == job_ids * 4
