@@ -146,6 +146,13 @@ class BodyLimitMiddleware:
             return
         limit = self.upload_limit if scope.get("path") in self.upload_paths else self.default_limit
         length = _header(scope, b"content-length")
+        if (
+            length is None
+            and scope.get("http_version") in ("1.0", "1.1")
+            and _header(scope, b"transfer-encoding") is None
+        ):  # HTTP/1.x without either header has no body (RFC 9112 6.3): nothing to count
+            await self.app(scope, receive, send)
+            return
         if length is not None and length.isdigit() and int(length) > limit:
             await self._reject(scope, receive, send, limit)
             return

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections import namedtuple
 from collections.abc import Callable, Mapping
@@ -19,16 +18,17 @@ from sqlalchemy import Engine, Select
 from sqlalchemy.engine import Dialect
 
 # orjson reads integers past 64 bits as floats: text with 19 digits in a row goes to json.loads instead
-# (rare: a huge seed, say; a long number inside a string takes the slow path too, with the same result).
-_LONG_NUMBER = re.compile(r"[0-9]{19}")
-_LONG_NUMBER_BYTES = re.compile(rb"[0-9]{19}")
+# (rare: a huge seed, say; a long digit run inside a string takes that path too, with the same result).
+# Found by mapping digits to "0" and the rest to " " (C speed; a regex took 15 µs on a 1 kB spec).
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_RUN = b"0" * 19
 
 
 def json_loads(text: str | bytes) -> Any:
     """orjson's parser (3x the standard library's here), and json.loads for what orjson refuses or reads
     differently (NaN, Infinity, integers past 64 bits): the values json.loads gives, either way."""
-    pattern = _LONG_NUMBER if isinstance(text, str) else _LONG_NUMBER_BYTES
-    if pattern.search(text):
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if _LONG_RUN in raw.translate(_DIGITS_ONLY):
         return json.loads(text)
     try:
         return orjson.loads(text)
