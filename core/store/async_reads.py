@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -126,7 +127,8 @@ class KeyBatch:
 
     def _flush(self) -> None:
         waiting, self._waiting = self._waiting, {}
-        task = asyncio.ensure_future(self._run(waiting))
+        # A context of its own: the batch serves many requests, so it must not log under one's id.
+        task = asyncio.get_running_loop().create_task(self._run(waiting), context=contextvars.Context())
         self._running.add(task)  # a reference until it is done
         task.add_done_callback(self._running.discard)
 

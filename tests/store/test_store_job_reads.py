@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -139,3 +140,34 @@ def test_reads_from_other_threads_borrow_a_connection(db: Database) -> None:
     with ThreadPoolExecutor(4) as pool:  # more threads than the point-read pool keeps
         found = list(pool.map(lambda j: read_job_row(db, j), job_ids * 4))
     assert [f.row.id for f in found] == job_ids * 4
+
+
+def test_the_batch_runs_in_no_readers_context(db: Database) -> None:
+    if db.is_sqlite:
+        pytest.skip("SQLite reads run inline, one at a time")
+    job_id = new_job(db, "a")
+    request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+    seen: list[str | None] = []
+
+    async def read_as(rid: str) -> JobRow | None:
+        request_id.set(rid)  # what the API's request middleware does for each request
+        return await read_job_row_async(db, job_id)
+
+    async def read_all() -> list[JobRow | None]:
+        reads = db._async_reads()
+        fetch = reads.fetch
+
+        async def recording_fetch(*args: object, **kwargs: object) -> list[object]:
+            seen.append(request_id.get())
+            return await fetch(*args, **kwargs)
+
+        reads.fetch = recording_fetch  # type: ignore[method-assign]
+        try:
+            return await asyncio.gather(read_as("req-1"), read_as("req-2"))
+        finally:
+            await db.close_async_reads()
+
+    with ThreadPoolExecutor(1) as pool:
+        got = pool.submit(asyncio.run, read_all()).result()
+    assert [g.row.id for g in got] == [job_id, job_id]
+    assert seen == [None]  # one query, logged under no request's id
