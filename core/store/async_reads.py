@@ -40,7 +40,7 @@ class AsyncHeldPool:
         self._kwargs = {**params, "autocommit": True}
         self._sizes = (min_size, max_size)
         self._opening: asyncio.Future[AsyncConnectionPool] | None = None
-        self._batches: dict[tuple[int, str], KeyBatch] = {}
+        self._batches: dict[tuple[PointQuery, str], KeyBatch] = {}
 
     async def _pool(self) -> AsyncConnectionPool:
         if self._opening is None:  # first read on this loop: open once, however many reads wait for it
@@ -90,9 +90,9 @@ class AsyncHeldPool:
 
     def batch(self, query: PointQuery, key: str) -> KeyBatch:
         """The coalescing reader of `query` (whose `keys` parameter is the list of `key` values to read)."""
-        found = self._batches.get((id(query), key))
+        found = self._batches.get((query, key))
         if found is None:
-            found = self._batches[(id(query), key)] = KeyBatch(self, query, key)
+            found = self._batches[(query, key)] = KeyBatch(self, query, key)
         return found
 
     async def close(self) -> None:

@@ -108,7 +108,7 @@ class Database:
         self._read_factory = sessionmaker(self.engine, expire_on_commit=False)
         self._point_engine: Engine | None = None
         self._held: HeldConnections | None = None
-        self._point_queries: dict[int, tuple[Any, PointQuery]] = {}
+        self._point_queries: dict[Select[Any], PointQuery] = {}
         self._reads: AsyncHeldPool | None = None
         if self.is_sqlite and sqlite_file(self.engine.url) is not None:
             # A pool of its own for the point reads on the event loop: the loop keeps one connection
@@ -153,11 +153,10 @@ class Database:
         return await self._async_reads().batch(self._point_query(statement), key).get(value)
 
     def _point_query(self, statement: Select[Any]) -> PointQuery:
-        cached = self._point_queries.get(id(statement))
-        if cached is None or cached[0] is not statement:  # the statement is kept: its id stays its own
-            cached = (statement, PointQuery(statement, self.engine.dialect))
-            self._point_queries[id(statement)] = cached
-        return cached[1]
+        query = self._point_queries.get(statement)  # statements hash by identity: the prebuilt ones
+        if query is None:
+            query = self._point_queries[statement] = PointQuery(statement, self.engine.dialect)
+        return query
 
     @contextmanager
     def read(self) -> Iterator[Session]:

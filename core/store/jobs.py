@@ -211,7 +211,7 @@ class JobRow:
 
     @classmethod
     def of(cls, row: Any) -> JobRow | None:
-        """From a `_JOB_ROW_BY_ID` row (its last column: queued jobs ahead, or NULL when not queued)."""
+        """From a `_JOB_VIEW` row (its last column: queued jobs ahead, or NULL when not queued)."""
         if row is None:
             return None
         return cls(row, None if row.queued_ahead is None else int(row.queued_ahead) + 1)
