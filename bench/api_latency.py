@@ -152,8 +152,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(url: str, tmp: Path, log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `minordpo serve` (uvicorn, no dispatcher) on a free port; stopped on exit."""
+def server(
+    url: str, tmp: Path, log_path: Path, api_workers: int = 1
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `minordpo serve` (uvicorn, no dispatcher, `api_workers` processes) on a free port; stopped on exit."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
     env |= {
@@ -163,6 +165,7 @@ def server(url: str, tmp: Path, log_path: Path) -> Iterator[tuple[str, subproces
         "MINORDPO_PORT": str(port),
         "MINORDPO_EMBEDDED_DISPATCHER": "false",
         "MINORDPO_LOG_LEVEL": "WARNING",
+        "MINORDPO_API_WORKERS": str(api_workers),
         "PYTHONPATH": str(REPO),
     }
     with log_path.open("wb") as log:
@@ -270,11 +273,12 @@ def load_wrk(base: str, paths: list[str], clients: int, seconds: int, tmp: Path)
 
 
 def profile(pid: int, seconds: int, dest: Path) -> subprocess.Popen[bytes] | None:
-    """Start `py-spy record` (collapsed stacks) on the server, or None when py-spy is missing."""
+    """Start `py-spy record` (collapsed stacks) on the server and its API workers, or None when py-spy is missing."""
     spy = Path(sys.executable).parent / "py-spy"
     if not spy.exists():
         return None
     cmd = [str(spy), "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-f", "raw", "-o", str(dest)]
+    cmd.insert(2, "--subprocesses")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -292,7 +296,8 @@ def run_backend(backend: str, args: argparse.Namespace, stamp: str) -> dict[str,
             f"[{backend}] seeded {len(ids)} jobs + {args.points} metric rows in {result['seed_s']} s",
             flush=True,
         )
-        with server(url, tmp, OUT / f"api-server-{backend}-{stamp}.log") as (base, proc):
+        log_path = OUT / f"api-server-{backend}-{stamp}.log"
+        with server(url, tmp, log_path, args.api_workers) as (base, proc):
             get_paths = [f"/v1/jobs/{i}" for i in ids]
             list_paths = ["/v1/jobs?limit=50"]
             series_paths = [f"/v1/jobs/{series_job}/metrics?max_points=500"]
@@ -365,6 +370,12 @@ def main() -> None:
         help="wrk (C, Debian package `wrk`) leaves the server the CPU; httpx runs in this Python process",
     )
     parser.add_argument("--seconds", type=int, default=10, help="per phase, with wrk")
+    parser.add_argument(
+        "--api-workers",
+        type=int,
+        default=1,
+        help="MINORDPO_API_WORKERS of the server (processes on one socket)",
+    )
     args = parser.parse_args()
     if args.load_generator == "auto":
         args.load_generator = "wrk" if shutil.which("wrk") else "httpx"

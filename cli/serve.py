@@ -63,10 +63,17 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="Bind address (default MINORDPO_HOST, 127.0.0.1)")
         ] = None,
         port: Annotated[int | None, typer.Option(help="Port (default MINORDPO_PORT, 8000)")] = None,
+        api_workers: Annotated[
+            int | None,
+            typer.Option(
+                "--api-workers",
+                min=1,
+                max=64,
+                help="API processes on the one socket (default MINORDPO_API_WORKERS, 1); the dispatcher stays one",
+            ),
+        ] = None,
     ) -> None:
         """Run the API server (schema check first; a fresh SQLite database is created and migrated)."""
-        import uvicorn
-
         from api.logging import configure_logging
 
         overrides: dict[str, Any] = {}
@@ -74,9 +81,14 @@ def register(app: typer.Typer) -> None:
             overrides["host"] = host
         if port is not None:
             overrides["port"] = port
+        if api_workers is not None:
+            overrides["api_workers"] = api_workers
         settings = Settings(**overrides)
         configure_logging(settings.log_level, json_lines=settings.log_json)
-        application = build_app(settings)
+        application = build_app(settings)  # every start-up check, made once here
+        if settings.api_workers > 1:
+            _serve_from_workers(settings, application)
+            return
         if settings.embedded_dispatcher:
             # stopped by the app's shutdown, not after uvicorn.run: uvicorn re-raises SIGTERM when it returns
             service = start_dispatcher(settings, application)
@@ -84,7 +96,26 @@ def register(app: typer.Typer) -> None:
         log.info("serving on http://%s:%d", settings.host, settings.port)
         gc.collect()
         gc.freeze()  # start-up objects leave the collector's view: full collections stay short under load
-        _run_uvicorn(uvicorn, application, settings)
+        _run_uvicorn(application, settings)
+
+
+def _serve_from_workers(settings: Settings, checked_app: Any) -> None:
+    """The parent of several API workers: the dispatcher (if embedded) here, the app in each worker."""
+    from cli.api_processes import run_api_workers
+
+    checked_app.state.db.dispose()  # the workers build their own apps
+    service = start_dispatcher(settings) if settings.embedded_dispatcher else None
+    ray_jobs_url = service.ray_jobs.address if service is not None and service.ray_jobs is not None else None
+    log.info(
+        "serving on http://%s:%d from %d API workers", settings.host, settings.port, settings.api_workers
+    )
+    try:
+        code = run_api_workers(settings, ray_jobs_url=ray_jobs_url)
+    finally:
+        if service is not None:
+            service.stop()
+    if code:
+        raise typer.Exit(code)
 
 
 def start_dispatcher(settings: Settings, application: Any = None) -> Any:
@@ -105,13 +136,9 @@ def start_dispatcher(settings: Settings, application: Any = None) -> Any:
     return service
 
 
-def _run_uvicorn(uvicorn: Any, application: Any, settings: Settings) -> None:
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
+def _run_uvicorn(application: Any, settings: Settings) -> None:
+    import uvicorn
+
+    from cli.api_processes import SERVER_OPTIONS
+
+    uvicorn.run(application, host=settings.host, port=settings.port, **SERVER_OPTIONS)

@@ -19,6 +19,13 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Path("var/artifacts")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    api_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API server processes of `minordpo serve` (uvicorn workers on one socket); the "
+        "embedded dispatcher stays one, in the parent process",
+    )
     api_tokens: str | None = None
     api_tokens_file: Path | None = None
     allowed_paths: str | None = None

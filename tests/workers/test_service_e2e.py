@@ -1,7 +1,7 @@
 """The service end to end on a real local Ray: POST over HTTP -> dispatcher -> Ray job -> 2 Ray Train workers.
 
 One `minordpo serve` process per module (its own Ray head, SQLite, MAX_CONCURRENT_JOBS=1); the
-kill test restarts it. Jobs are tiny (a ~0.8M-parameter model, a few steps) so the module stays short.
+kill test restarts it, with two API worker processes from then on. Jobs are tiny (a ~0.8M-parameter model, a few steps) so the module stays short.
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ def test_server_kill9_mid_run_job_completes_once(server, tiny_model_dir, learnab
     wait_for(server, job_id, lambda j: (j["progress"]["step"] or 0) >= 3)
     server.kill9()
     time.sleep(2)
+    # Restarted as the parent of two API workers (the dispatcher in the parent, /readyz asking Ray from
+    # each worker); the rest of the module and its clean stop run that way.
+    server.env["MINORDPO_API_WORKERS"] = "2"
     server.start()  # finds the same Ray head and keeps watching the job
     job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL)
     assert job["status"] == "succeeded", job
