@@ -186,6 +186,8 @@ def server(
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server did not answer /healthz within 60 s, see {log_path}")
                 time.sleep(0.2)
+            if api_workers > 1:  # /healthz answered from one worker; give the others their start-up
+                time.sleep(3)
             yield base, proc
         finally:
             if proc.poll() is None:
@@ -347,10 +349,16 @@ def report(results: list[dict[str, Any]]) -> None:
             print(f"| {r['backend']} | {name} | " + " | ".join(cells) + " |")
     print()
     for r in results:
-        for name, target in (("get_job", 10.0), ("series_500_seq", 100.0), ("series_500", 100.0)):
+        # The issue puts the 16 clients on get and list; its series target is read per request
+        # (sequential). The series at 16 clients is printed against the same number, for the record.
+        for name, target, reading in (
+            ("get_job", 10.0, ""),
+            ("series_500_seq", 100.0, ""),
+            ("series_500", 100.0, " [16 clients: the stricter reading, not the one claimed]"),
+        ):
             p99 = r[name]["p99_ms"]
             verdict = "PASS" if p99 <= target else "FAIL"
-            print(f"{r['backend']} {name} p99_ms: {p99:.1f} (target {target:.0f}) {verdict}")
+            print(f"{r['backend']} {name} p99_ms: {p99:.1f} (target {target:.0f}) {verdict}{reading}")
         print(f"{r['backend']} load average before/after: {r['load_before']} / {r['load_after']}")
 
 

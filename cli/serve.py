@@ -85,6 +85,8 @@ def register(app: typer.Typer) -> None:
             overrides["api_workers"] = api_workers
         settings = Settings(**overrides)
         configure_logging(settings.log_level, json_lines=settings.log_json)
+        if settings.api_workers == 1:
+            _clear_shared_metrics()
         application = build_app(settings)  # every start-up check, made once here
         if settings.api_workers > 1:
             _serve_from_workers(settings, application)
@@ -99,18 +101,39 @@ def register(app: typer.Typer) -> None:
         _run_uvicorn(application, settings)
 
 
+def _clear_shared_metrics() -> None:
+    """With PROMETHEUS_MULTIPROC_DIR set, even one process counts in files: an earlier run's must go."""
+    from pathlib import Path
+
+    from api.metrics import multiprocess_dir
+    from cli.api_processes import clear_metric_files
+
+    folder = multiprocess_dir()
+    if folder:
+        clear_metric_files(Path(folder))
+
+
 def _serve_from_workers(settings: Settings, checked_app: Any) -> None:
-    """The parent of several API workers: the dispatcher (if embedded) here, the app in each worker."""
-    from cli.api_processes import run_api_workers
+    """The parent of several API workers: the port bound first, then the dispatcher (if embedded) here."""
+    from cli.api_processes import ApiWorkers
 
     checked_app.state.db.dispose()  # the workers build their own apps
-    service = start_dispatcher(settings) if settings.embedded_dispatcher else None
+    try:
+        workers = ApiWorkers(settings)
+    except SystemExit as exc:  # uvicorn logged why (e.g. the port is taken)
+        typer.echo(f"minordpo serve: cannot listen on {settings.host}:{settings.port}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        service = start_dispatcher(settings) if settings.embedded_dispatcher else None
+    except BaseException:
+        workers.close()
+        raise
     ray_jobs_url = service.ray_jobs.address if service is not None and service.ray_jobs is not None else None
     log.info(
         "serving on http://%s:%d from %d API workers", settings.host, settings.port, settings.api_workers
     )
     try:
-        code = run_api_workers(settings, ray_jobs_url=ray_jobs_url)
+        code = workers.run(ray_jobs_url=ray_jobs_url)
     finally:
         if service is not None:
             service.stop()

@@ -53,6 +53,12 @@ class LocalHead:
         return jobs_api_reachable(self.dashboard_url)
 
 
+def _head_environment() -> dict[str, str]:
+    """This process's environment for `ray start`, less what must not reach Ray's own processes
+    (prometheus_client's multiprocess folder of our API workers: Ray's dashboard would write into it)."""
+    return {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,7 +132,7 @@ def start_local_head(state_file: Path, *, num_cpus: int | None = None, timeout_s
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **RAY_WORKER_ENV, "RAY_AUTH_MODE": "token"},
+            env={**_head_environment(), **RAY_WORKER_ENV, "RAY_AUTH_MODE": "token"},
             start_new_session=True,
         )
     head = LocalHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", proc.pid, cpus)

@@ -11,33 +11,30 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from cli.api_processes import PARENT_PID_ENV, RAY_JOBS_URL_ENV, worker_app
+from cli import api_processes
+from cli.api_processes import PARENT_PID_ENV, RAY_JOBS_URL_ENV, clear_metric_files, worker_app
 from tests.api.conftest import REPO, TOKENS
 from tests.api.test_server import serve_env
-from tests.serving import free_port, pid_alive, wait_until_up
+from tests.serving import free_port, wait_until_up
 
 HEADERS = {"Authorization": f"Bearer {TOKENS['team-a']}"}
 REQUESTS_404 = 'minordpo_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"}'
 
 
-def children(pid: int) -> list[int]:
-    """The API worker processes of `pid` (Linux /proc; multiprocessing's resource tracker left out)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except FileNotFoundError:
-                continue
-            if b"spawn_main" in cmdline:
-                found.append(int(child))
-    return found
+def alive(pid: int) -> bool:
+    """Running (a zombie that nobody has reaped yet counts as gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -48,8 +45,34 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
         time.sleep(0.1)
 
 
+@dataclass
+class Serve:
+    """`minordpo serve --api-workers 2` and every worker pid seen, so teardown can reap orphans."""
+
+    base: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    seen: set[int] = field(default_factory=set)
+
+    def workers(self) -> list[int]:
+        """The live API worker processes (multiprocessing's resource tracker left out)."""
+        found: list[int] = []
+        try:
+            kids = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return found
+        for child in kids:
+            try:
+                if "spawn_main" in " ".join(child.cmdline()) and alive(child.pid):
+                    found.append(child.pid)
+            except psutil.NoSuchProcess:
+                continue
+        self.seen.update(found)
+        return found
+
+
 @pytest.fixture
-def two_workers(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+def two_workers(tmp_path: Path) -> Iterator[Serve]:
     env = serve_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
@@ -60,17 +83,18 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], 
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    base = f"http://127.0.0.1:{env['MINORDPO_PORT']}"
+    serve = Serve(f"http://127.0.0.1:{env['MINORDPO_PORT']}", proc, log)
     try:
-        wait_until_up(proc, f"{base}/readyz", log=log.read_text)
-        yield base, proc, log
+        wait_until_up(proc, f"{serve.base}/readyz", log=log.read_text)
+        wait_for(lambda: len(serve.workers()) == 2, 30, "two API workers")
+        yield serve
     finally:
-        workers = children(proc.pid) if proc.poll() is None else []
+        serve.workers()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        for pid in workers:
-            if pid_alive(pid):
+        for pid in serve.seen:
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -82,11 +106,10 @@ def count_404s(base: str) -> float:
 
 
 def test_two_api_workers_serve_one_port_sum_their_metrics_and_stop_cleanly(
-    two_workers: tuple[str, subprocess.Popen[bytes], Path], tmp_path: Path
+    two_workers: Serve, tmp_path: Path
 ) -> None:
-    base, proc, log = two_workers
-    workers = children(proc.pid)
-    assert len(workers) == 2, f"two API worker processes under serve: {workers}"
+    base, proc = two_workers.base, two_workers.proc
+    workers = two_workers.workers()
     ready = httpx.get(f"{base}/readyz").json()
     assert ready["checks"] == {"database": "ok"}, "no embedded dispatcher here: nothing to ask Ray"
 
@@ -96,33 +119,39 @@ def test_two_api_workers_serve_one_port_sum_their_metrics_and_stop_cleanly(
 
     with ThreadPoolExecutor(8) as pool:
         assert set(pool.map(get_missing, range(60))) == {404}
+    # counted after the response went out: a scrape may come a moment early, never with more than 60
+    wait_for(lambda: count_404s(base) >= 60, 10, "the 60 requests in /metrics")
     assert count_404s(base) == 60, "every worker's requests counted, each once, in any worker's scrape"
     counted_by = {p.name.split("_")[1].removesuffix(".db") for p in (tmp_path / "prom").glob("counter_*.db")}
     assert counted_by <= {str(w) for w in workers}
 
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0, log.read_text()[-3000:]
-    assert not any(pid_alive(w) for w in workers)
+    assert proc.wait(30) == 0, two_workers.log.read_text()[-3000:]
+    wait_for(lambda: not any(alive(w) for w in workers), 10, "the workers to exit")
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base}/healthz", timeout=2)
 
 
-def test_a_dead_api_worker_is_replaced_and_none_outlives_serve(
-    two_workers: tuple[str, subprocess.Popen[bytes], Path],
-) -> None:
-    base, proc, log = two_workers
-    first, second = children(proc.pid)
-    os.kill(first, signal.SIGKILL)
-    wait_for(lambda: len(children(proc.pid)) == 2 and first not in children(proc.pid), 30, "a new worker")
-    replacement = next(pid for pid in children(proc.pid) if pid != second)
-    wait_for(lambda: all(httpx.get(f"{base}/healthz").status_code == 200 for _ in range(10)), 30, "serving")
+def test_dead_api_workers_are_replaced_and_none_outlives_serve(two_workers: Serve) -> None:
+    base, proc = two_workers.base, two_workers.proc
+    originals = two_workers.workers()
+    for pid in originals:  # both, one after the other: the replacements alone serve afterwards
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda pid=pid: pid not in two_workers.workers() and len(two_workers.workers()) == 2,
+            30,
+            "a new worker",
+        )
+    replacements = two_workers.workers()
+    assert not set(replacements) & set(originals)
+    wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, 30, "the replacements to serve")
 
     proc.kill()  # kill -9: no chance to stop its workers
     proc.wait(10)
-    wait_for(lambda: not pid_alive(second) and not pid_alive(replacement), 15, "the orphaned workers to exit")
+    wait_for(lambda: not any(alive(pid) for pid in replacements), 15, "the orphaned workers to exit")
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base}/healthz", timeout=2)
-    assert "is gone: stopping API worker" in log.read_text()
+    assert "is gone: stopping API worker" in two_workers.log.read_text()
 
 
 def test_metrics_of_separate_worker_processes_add_up(tmp_path: Path) -> None:
@@ -144,6 +173,14 @@ def test_metrics_of_separate_worker_processes_add_up(tmp_path: Path) -> None:
     assert (
         'minordpo_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/v1/jobs"} 7.0' in text
     )
+
+
+def test_clearing_the_metrics_folder_removes_only_prometheus_files(tmp_path: Path) -> None:
+    stale = ["counter_11.db", "histogram_11.db", "gauge_livesum_11.db", "summary_11.db"]
+    for name in [*stale, "minordpo.db", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"x")
+    clear_metric_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["minordpo.db", "notes.txt"]
 
 
 @pytest.fixture
@@ -185,3 +222,14 @@ def test_worker_app_that_cannot_start_exits_with_the_start_up_failure_code(
     with pytest.raises(SystemExit) as exit_info:
         worker_app()
     assert exit_info.value.code == STARTUP_FAILURE
+
+
+def test_worker_app_that_fails_for_a_passing_reason_exits_to_be_started_again(
+    worker_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api_processes, "RETRY_DELAY_S", 0.0)
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"  # nothing listens: refused at once
+    monkeypatch.setenv("MINORDPO_DATABASE_URL", down)
+    with pytest.raises(SystemExit) as exit_info:
+        worker_app()
+    assert exit_info.value.code == 1, "not uvicorn's start-up failure code: the supervisor restarts it"
