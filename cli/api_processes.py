@@ -10,6 +10,7 @@ leave workers holding the port).
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import shutil
@@ -61,8 +62,9 @@ def worker_app() -> Any:
         app = create_app(settings)
         ray_jobs_url = os.environ.get(RAY_JOBS_URL_ENV)
         if ray_jobs_url:
-            import ray.job_submission  # noqa: F401 - paid at start-up, not by the first /readyz
-
+            # paid at start-up, not by the first /readyz; our module first: it sets Ray's auth mode
+            for module in ("workers.ray_control", "ray.job_submission"):
+                importlib.import_module(module)
             app.state.readiness_checks["ray"] = lambda: require_ray_jobs_api(ray_jobs_url)
     except (StartupError, ValidationError):
         log.exception("API worker %d cannot serve with this configuration", os.getpid())
