@@ -113,9 +113,9 @@ def job_metrics(
         int | None, Query(ge=2, le=100_000, description="Downsample to this many rows")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
-) -> MetricSeries:
+) -> Response:
     """Rows `{step, time, <name>: value}`; downsampling keeps the first and last point."""
-    return service.metrics(
+    series = service.metrics(
         db,
         principal,
         job_id,
@@ -124,6 +124,7 @@ def job_metrics(
         max_points=max_points,
         limit=limit,
     )
+    return Response(service.series_json(series), media_type="application/json")
 
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, summary="Checkpoints of a job")

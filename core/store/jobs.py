@@ -241,6 +241,11 @@ async def read_job_row_async(db: Database, job_id: str, *, project: str | None =
     return JobRow.of(row)
 
 
+def job_visible(session: Session, job_id: str, *, project: str | None = None) -> bool:
+    """Whether the job exists (in `project`, unless None): one index lookup, no row decoded."""
+    return session.execute(_scoped(select(Job.seq).where(Job.id == job_id), project)).first() is not None
+
+
 def get_job(session: Session, job_id: str, *, project: str | None = None) -> Job | None:
     """The job, or None if it does not exist or belongs to another project (`project=None`: any)."""
     return session.scalars(_scoped(select(Job).where(Job.id == job_id), project)).one_or_none()

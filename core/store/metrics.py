@@ -118,7 +118,8 @@ def append_metrics(
 
     The flat form ``{"step", "time", <name>: value}`` is accepted too. NaN/inf are stored as null.
     A (job, step) already stored only gains the names it lacked (first value wins). With
-    `update_job`, the job's progress `step` and `latest_metrics` follow the highest step. Returns
+    `update_job`, the job's progress `step` and `latest_metrics` follow the highest step. The job's
+    `metric_rows` counts the rows inserted, always (`metric_series` relies on it). Returns
     how many rows were inserted or gained names. Raises NotFoundError, ValueError.
     """
     cleaned = _clean_rows(rows)
@@ -140,6 +141,7 @@ def append_metrics(
         )
         inserted.update(session.execute(sql, {"job_id": job_id, "rows": payload}).scalars().all())
     written = len(inserted)
+    job_values: dict[str, Any] = {"metric_rows": Job.metric_rows + len(inserted)} if inserted else {}
     repeats = [s for s in cleaned if s not in inserted]
     if repeats:
         stored = session.execute(
@@ -164,12 +166,14 @@ def append_metrics(
             for step in sorted(s for s in cleaned if s >= job.step):
                 latest.update(cleaned[step][1])
             now = utcnow()
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(step=top, latest_metrics=latest, heartbeat_at=now, updated_at=now)
-                .execution_options(synchronize_session="fetch")
-            )
+            job_values.update(step=top, latest_metrics=latest, heartbeat_at=now, updated_at=now)
+    if job_values:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(**job_values)
+            .execution_options(synchronize_session="fetch")
+        )
     session.flush()
     return written
 
@@ -193,6 +197,27 @@ def _range_stats(session: Session, where: str, params: dict[str, Any]) -> tuple[
         query = query.bindparams(bindparam("names", type_=ARRAY(Text())))
     n, first, last = session.execute(query, stats).one()
     return int(n), int(first or 0), int(last or 0)
+
+
+def _whole_range_stats(session: Session, job_id: str) -> tuple[int, int, int] | None:
+    """`_range_stats` of a job's whole series when its stored count proves the steps have no gaps.
+
+    Two index lookups and the job's `metric_rows` instead of counting every row. The rows' steps are
+    distinct, so there are at most last - first + 1 of them, and at least `metric_rows` (every insert
+    counted; nothing deletes rows of a job that exists): equal bounds prove n = last - first + 1.
+    None otherwise (gaps, or rows that some other writer inserted uncounted).
+    """
+    bounds = "SELECT {} FROM metric_points WHERE job_id = :job_id ORDER BY step {} LIMIT 1"
+    counted, first, last = session.execute(
+        text(
+            f"SELECT metric_rows, ({bounds.format('step', 'ASC')}), ({bounds.format('step', 'DESC')}) "
+            "FROM jobs WHERE id = :job_id"
+        ),
+        {"job_id": job_id},
+    ).one_or_none() or (0, None, None)
+    if first is None or counted != last - first + 1:
+        return None
+    return int(counted), int(first), int(last)
 
 
 def metric_series(
@@ -225,7 +250,9 @@ def metric_series(
     plain = f"SELECT step, wall_time, metrics FROM metric_points WHERE {where} ORDER BY step LIMIT :lim"
     picked_steps: list[int] | None = None
     if max_points is not None:
-        n, first, last = _range_stats(session, where, params)
+        whole_range = params["after"] < 0 and not wanted  # steps are >= 0
+        whole = _whole_range_stats(session, job_id) if whole_range else None
+        n, first, last = whole or _range_stats(session, where, params)
         if n <= max_points:
             max_points = None  # nothing to drop
         elif last - first + 1 == n:  # steps without gaps (the usual case): rank r is step first + r

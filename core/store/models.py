@@ -133,6 +133,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     step: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
+    # rows in metric_points, kept by append_metrics (the downsampled series needs the count)
+    metric_rows: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer)
     latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error_code: Mapped[str | None] = mapped_column(String(64))

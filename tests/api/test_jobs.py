@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi.testclient import TestClient
 
+from core.schemas import MetricSeries
 from core.store import Database, add_checkpoint, append_metrics, claim_queued, transition
 from tests.api.conftest import auth
 
@@ -201,6 +203,31 @@ def test_metrics_series_filter_page_and_downsample(
     assert bad.status_code == 422 and bad.headers["content-type"] == PROBLEM
     job = client.get(f"/v1/jobs/{job_id}", headers=auth()).json()
     assert job["progress"]["step"] == 100 and job["metrics"]["loss"] == 0.01
+
+
+def test_metrics_body_is_the_documented_series_with_every_value_exact(
+    client: TestClient, db: Database, spec: dict[str, Any]
+) -> None:
+    job_id = create(client, spec).json()["id"]
+    odd = {"third": 1 / 3, "tiny": 5e-324, "huge": 1.7976931348623157e308, "neg": -0.0, "nan": float("nan")}
+    with db.write() as session:
+        append_metrics(
+            session, job_id, [{"step": 1, "time": 1767268805.123456, **odd}, {"step": 9, "loss": 2.0}]
+        )
+    for params in ({}, {"max_points": 2}):  # the plain read and the downsampled one share the writer
+        response = client.get(f"/v1/jobs/{job_id}/metrics", params=params, headers=auth())
+        assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+        body = response.json()
+        assert MetricSeries.model_validate(body).model_dump(mode="json") == body
+        first = body["data"][0]
+        assert first == {
+            "step": 1,
+            "time": 1767268805.123456,
+            **{k: v for k, v in odd.items() if k != "nan"},
+            "nan": None,
+        }
+        assert math.copysign(1.0, first["neg"]) == -1.0
+        assert body["next_after_step"] == 9
 
 
 def test_checkpoints_list(client: TestClient, db: Database, spec: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import event, text
 
 from core.store import (
     Database,
@@ -181,3 +182,64 @@ def test_downsampling_100k_points_to_500_is_fast(db: Database) -> None:
     assert gaps <= {200, 201}, gaps
     assert [r.step for r in named.data] == steps and set(named.data[0].values) == {"lr"}
     assert elapsed < 2.5, f"downsampling 100k points took {elapsed:.2f}s"
+
+
+def _metric_rows(db: Database, job_id: str) -> int:
+    with db.read() as s:
+        return int(
+            s.execute(text("SELECT metric_rows FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+        )
+
+
+def test_the_job_counts_its_metric_rows_once_each(db: Database) -> None:
+    job_id = new_job(db)
+    with db.write() as s:
+        append_metrics(s, job_id, [{"step": st, "values": {"loss": 1.0}} for st in (1, 2, 3)])
+    with db.write() as s:  # a retried report: two steps again (one gains a name), one new
+        append_metrics(
+            s, job_id, [{"step": 2, "values": {"loss": 9.0, "lr": 0.1}}, {"step": 3, "values": {}}]
+        )
+        append_metrics(s, job_id, [{"step": 7, "values": {"loss": 0.5}}], update_job=False)
+    assert _metric_rows(db, job_id) == 4
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_the_count_spares_a_scan_only_where_it_proves_the_steps_have_no_gaps(
+    db: Database, stride: int
+) -> None:
+    job_id = new_job(db)
+    steps = [stride * i + 1 for i in range(300)]
+    with db.write() as s:
+        append_metrics(s, job_id, [{"step": st, "time": 0.0, "values": {"x": st}} for st in steps])
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:  # noqa: ANN001 - SQLAlchemy's event signature
+        statements.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        with db.read() as s:
+            got = [r.step for r in metric_series(s, job_id, max_points=20).data]
+            after = [r.step for r in metric_series(s, job_id, max_points=20, after_step=100).data]
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert got == [steps[r] for r in _expected_ranks(300, 20)]
+    later = [st for st in steps if st > 100]
+    assert after == [later[r] for r in _expected_ranks(len(later), 20)]
+    counted = [sql for sql in statements if sql.lower().startswith("select count(*)")]
+    # the whole series of gapless steps needs no count; gaps, or a range after a step, still count
+    assert len(counted) == (1 if stride == 1 else 2), statements
+
+
+def test_rows_that_another_writer_left_uncounted_fall_back_to_counting(db: Database) -> None:
+    job_id = new_job(db)
+    with db.write() as s:
+        append_metrics(s, job_id, [{"step": st, "time": 0.0, "values": {"x": st}} for st in range(1, 101)])
+        # steps 101..150 inserted by something that keeps no count (an older driver during an upgrade)
+        s.add_all(
+            MetricPoint(job_id=job_id, step=st, wall_time=0.0, metrics={"x": st}) for st in range(101, 151)
+        )
+    assert _metric_rows(db, job_id) == 100
+    with db.read() as s:
+        got = [r.step for r in metric_series(s, job_id, max_points=11).data]
+    assert got == [1 + r for r in _expected_ranks(150, 11)]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, inspect, text
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -35,13 +38,14 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 def test_single_head_is_the_newest_revision() -> None:
     assert migrate.head_revision() == HEAD
     assert (migrate.MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
     assert (migrate.MIGRATIONS_DIR / "versions" / "0002_webhook_deliveries.py").is_file()
+    assert (migrate.MIGRATIONS_DIR / "versions" / "0003_job_metric_rows.py").is_file()
 
 
 def test_models_and_migrated_schema_do_not_drift(empty_url: str) -> None:
@@ -59,12 +63,21 @@ def test_downgrade_then_upgrade(empty_url: str) -> None:
     assert _drift(empty_url) == []
 
 
-def test_upgrade_from_0001_keeps_rows_and_downgrade_drops_only_the_new_table(empty_url: str) -> None:
-    migrate.upgrade(empty_url, "0001")
-    engine = make_engine(empty_url)
+@contextmanager
+def migrated_to(url: str, revision: str) -> Iterator[Engine]:
+    """The database at `revision` holding one project, `p`; the engine is disposed afterwards."""
+    migrate.upgrade(url, revision)
+    engine = make_engine(url)
     try:
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO projects (name, created_at) VALUES ('p', CURRENT_TIMESTAMP)"))
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0001_keeps_rows_and_downgrade_drops_only_the_new_table(empty_url: str) -> None:
+    with migrated_to(empty_url, "0001") as engine:
         assert "webhook_deliveries" not in inspect(engine).get_table_names()
         assert migrate.upgrade(empty_url) == HEAD
         assert _drift(empty_url) == []
@@ -72,8 +85,35 @@ def test_upgrade_from_0001_keeps_rows_and_downgrade_drops_only_the_new_table(emp
         with engine.connect() as conn:
             assert conn.execute(text("SELECT name FROM projects")).scalars().all() == ["p"]
         assert "webhook_deliveries" not in _tables(empty_url)
-    finally:
-        engine.dispose()
+
+
+def test_upgrade_to_0003_counts_each_jobs_stored_metric_rows(empty_url: str) -> None:
+    with migrated_to(empty_url, "0002") as engine:
+        with engine.begin() as conn:
+            for job in ("j1", "j2"):
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, project, name, status, spec, created_at, updated_at) "
+                        "VALUES (:id, 'p', 'n', 'running', '{}', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                    ),
+                    {"id": job},
+                )
+            for step in (1, 2, 5):
+                conn.execute(
+                    text(
+                        "INSERT INTO metric_points (job_id, step, wall_time, metrics) VALUES ('j1', :s, 0, '{}')"
+                    ),
+                    {"s": step},
+                )
+        assert migrate.upgrade(empty_url) == HEAD
+        with engine.connect() as conn:
+            counts = dict(conn.execute(text("SELECT id, metric_rows FROM jobs ORDER BY id")).all())
+        assert counts == {"j1": 3, "j2": 0}
+        assert migrate.downgrade(empty_url, "0002") == "0002"
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM metric_points")).scalar_one() == 3
+            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 2
+        assert "metric_rows" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
 
 
 def test_ensure_schema_current_refuses_an_empty_database(empty_url: str) -> None:
