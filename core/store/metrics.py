@@ -293,10 +293,13 @@ def metric_series(
     result = session.execute(query, params).all()
     more = len(result) > limit
     rows: list[MetricRow] = []
+    decimal_json = dialect == "postgresql"  # jsonb gives 3e19 back as the integer 30000000000000000000
     for step, wall, metrics in result[:limit]:
         values = metrics if isinstance(metrics, dict) else json_loads(metrics)
         if wanted:
             values = {k: values[k] for k in wanted if k in values}
+        if decimal_json:  # every value was stored as a float (or null): give floats back
+            values = {k: float(v) if type(v) is int else v for k, v in values.items()}
         rows.append(MetricRow(step=int(step), time=float(wall), values=values))
     next_after = rows[-1].step if rows else after_step
     return MetricSeries(data=rows, next_after_step=next_after, has_more=more)

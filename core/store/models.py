@@ -133,7 +133,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     step: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
-    # rows in metric_points, kept by append_metrics (the downsampled series needs the count)
+    # rows in metric_points, kept by append_metrics (the downsampled series needs the count). Anything
+    # that ever deletes a job's metric rows must lower it too: metric_series trusts it to prove the
+    # steps have no gaps (an undercount only turns that shortcut off; an overcount would lose points).
     metric_rows: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer)
     latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

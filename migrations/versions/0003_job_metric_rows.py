@@ -25,9 +25,11 @@ def upgrade() -> None:
     # plain ALTERs (SQLite 3.35+ drops columns itself): a batch copy of `jobs` would drop the table,
     # and with foreign keys on, that deletes every job's rows in the tables that cascade from it
     op.add_column("jobs", sa.Column("metric_rows", sa.Integer(), server_default=sa.text("0"), nullable=False))
+    # one pass over metric_points; jobs without rows keep the default and are not rewritten
     op.execute(
         "UPDATE jobs SET metric_rows = "
-        "(SELECT count(*) FROM metric_points WHERE metric_points.job_id = jobs.id)"
+        "(SELECT count(*) FROM metric_points WHERE metric_points.job_id = jobs.id) "
+        "WHERE EXISTS (SELECT 1 FROM metric_points WHERE metric_points.job_id = jobs.id)"
     )
 
 

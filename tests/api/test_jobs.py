@@ -210,15 +210,16 @@ def test_metrics_body_is_the_documented_series_with_every_value_exact(
 ) -> None:
     job_id = create(client, spec).json()["id"]
     odd = {"third": 1 / 3, "tiny": 5e-324, "huge": 1.7976931348623157e308, "neg": -0.0, "nan": float("nan")}
+    rows = [{"step": 1, "time": 1767268805.123456, **odd}] + [{"step": s, "loss": 2.0} for s in range(2, 41)]
     with db.write() as session:
-        append_metrics(
-            session, job_id, [{"step": 1, "time": 1767268805.123456, **odd}, {"step": 9, "loss": 2.0}]
-        )
-    for params in ({}, {"max_points": 2}):  # the plain read and the downsampled one share the writer
+        append_metrics(session, job_id, rows)
+    # the plain read, and a downsampled one (40 gapless steps to 5: the stored row count's shortcut)
+    for params, steps in (({}, list(range(1, 41))), ({"max_points": 5}, [1, 10, 20, 30, 40])):
         response = client.get(f"/v1/jobs/{job_id}/metrics", params=params, headers=auth())
         assert response.status_code == 200 and response.headers["content-type"] == "application/json"
         body = response.json()
         assert MetricSeries.model_validate(body).model_dump(mode="json") == body
+        assert [r["step"] for r in body["data"]] == steps and body["next_after_step"] == 40
         first = body["data"][0]
         assert first == {
             "step": 1,
@@ -227,7 +228,6 @@ def test_metrics_body_is_the_documented_series_with_every_value_exact(
             "nan": None,
         }
         assert math.copysign(1.0, first["neg"]) == -1.0
-        assert body["next_after_step"] == 9
 
 
 def test_checkpoints_list(client: TestClient, db: Database, spec: dict[str, Any]) -> None:

@@ -61,6 +61,23 @@ def test_api_on_postgres(pg_client: tuple[TestClient, Any], spec: dict[str, Any]
     assert all(set(r) == {"step", "time", "loss"} for r in rows)
 
 
+def test_metric_values_past_64_bit_integers_come_back_from_jsonb(
+    pg_client: tuple[TestClient, Any], spec: dict[str, Any]
+) -> None:
+    client, db = pg_client
+    job_id = client.post("/v1/jobs", json=spec, headers=auth()).json()["id"]
+    # jsonb keeps numbers as decimals: 3e19 comes back as the integer 30000000000000000000
+    big = {"grad_norm": 3e19, "huge": 1.7976931348623157e308, "third": 1 / 3}
+    with db.write() as session:
+        append_metrics(session, job_id, [{"step": s, "time": 5.0, **big} for s in range(1, 21)])
+    for params in ({}, {"max_points": 4}):
+        response = client.get(f"/v1/jobs/{job_id}/metrics", params=params, headers=auth())
+        assert response.status_code == 200, response.text
+        rows = response.json()["data"]
+        assert all({k: r[k] for k in big} == big for r in rows)
+        assert [r["step"] for r in rows][-1] == 20
+
+
 def test_get_job_survives_the_server_dropping_its_connections(
     pg_client: tuple[TestClient, Any], spec: dict[str, Any]
 ) -> None:
