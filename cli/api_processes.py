@@ -117,13 +117,13 @@ class ApiWorkers:
     def __init__(self, settings: Settings) -> None:
         from uvicorn import Config
 
-        from api.metrics import MULTIPROC_DIR_ENV
+        from api.metrics import multiprocess_dir
 
         self.settings = settings
-        given = os.environ.get(MULTIPROC_DIR_ENV)
+        given = multiprocess_dir()  # the operator's: `serve` emptied it of an earlier run's files
         self._own_folder = not given
         self.folder = Path(given) if given else Path(tempfile.mkdtemp(prefix="minordpo-metrics-"))
-        clear_metric_files(self.folder)
+        self.socket: socket | None = None
         self.config = Config(
             "cli.api_processes:worker_app",
             factory=True,
@@ -133,7 +133,7 @@ class ApiWorkers:
             **SERVER_OPTIONS,
         )
         try:
-            self.socket: socket = self.config.bind_socket()  # logs the error and exits 3 when taken
+            self.socket = self.config.bind_socket()  # logs the error and exits 3 when taken
         except SystemExit:
             self.close()
             raise
@@ -170,7 +170,7 @@ class ApiWorkers:
         return 0
 
     def close(self) -> None:
-        if getattr(self, "socket", None) is not None:
+        if self.socket is not None:
             self.socket.close()
         if self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)

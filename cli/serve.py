@@ -85,8 +85,7 @@ def register(app: typer.Typer) -> None:
             overrides["api_workers"] = api_workers
         settings = Settings(**overrides)
         configure_logging(settings.log_level, json_lines=settings.log_json)
-        if settings.api_workers == 1:
-            _clear_shared_metrics()
+        _clear_shared_metrics()
         application = build_app(settings)  # every start-up check, made once here
         if settings.api_workers > 1:
             _serve_from_workers(settings, application)
@@ -102,7 +101,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _clear_shared_metrics() -> None:
-    """With PROMETHEUS_MULTIPROC_DIR set, even one process counts in files: an earlier run's must go."""
+    """With PROMETHEUS_MULTIPROC_DIR set (by the operator), the processes count in its files: an earlier
+    run's must go, whether one process serves or several."""
     from pathlib import Path
 
     from api.metrics import multiprocess_dir

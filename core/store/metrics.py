@@ -199,6 +199,14 @@ def _range_stats(session: Session, where: str, params: dict[str, Any]) -> tuple[
     return int(n), int(first or 0), int(last or 0)
 
 
+_WHOLE_RANGE = text(
+    "SELECT metric_rows,"
+    " (SELECT step FROM metric_points WHERE job_id = :job_id ORDER BY step ASC LIMIT 1),"
+    " (SELECT step FROM metric_points WHERE job_id = :job_id ORDER BY step DESC LIMIT 1)"
+    " FROM jobs WHERE id = :job_id"
+)
+
+
 def _whole_range_stats(session: Session, job_id: str) -> tuple[int, int, int] | None:
     """`_range_stats` of a job's whole series when its stored count proves the steps have no gaps.
 
@@ -207,14 +215,7 @@ def _whole_range_stats(session: Session, job_id: str) -> tuple[int, int, int] | 
     counted; nothing deletes rows of a job that exists): equal bounds prove n = last - first + 1.
     None otherwise (gaps, or rows that some other writer inserted uncounted).
     """
-    bounds = "SELECT {} FROM metric_points WHERE job_id = :job_id ORDER BY step {} LIMIT 1"
-    counted, first, last = session.execute(
-        text(
-            f"SELECT metric_rows, ({bounds.format('step', 'ASC')}), ({bounds.format('step', 'DESC')}) "
-            "FROM jobs WHERE id = :job_id"
-        ),
-        {"job_id": job_id},
-    ).one_or_none() or (0, None, None)
+    counted, first, last = session.execute(_WHOLE_RANGE, {"job_id": job_id}).one_or_none() or (0, None, None)
     if first is None or counted != last - first + 1:
         return None
     return int(counted), int(first), int(last)

@@ -74,6 +74,10 @@ class Serve:
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[Serve]:
     env = serve_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
+    # counts an earlier run left in the operator's folder: `serve` must start from zero
+    stale = "from api.metrics import ApiMetrics; ApiMetrics().observe('GET', '/v1/jobs/{job_id}', 404, 0.001)"
+    subprocess.run([sys.executable, "-c", stale], env=env, check=True, timeout=60)
+    assert list((tmp_path / "prom").glob("counter_*.db"))
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -121,7 +125,9 @@ def test_two_api_workers_serve_one_port_sum_their_metrics_and_stop_cleanly(
         assert set(pool.map(get_missing, range(60))) == {404}
     # counted after the response went out: a scrape may come a moment early, never with more than 60
     wait_for(lambda: count_404s(base) >= 60, 10, "the 60 requests in /metrics")
-    assert count_404s(base) == 60, "every worker's requests counted, each once, in any worker's scrape"
+    assert count_404s(base) == 60, (
+        "every worker's requests counted, each once, in any worker's scrape; none from before"
+    )
     counted_by = {p.name.split("_")[1].removesuffix(".db") for p in (tmp_path / "prom").glob("counter_*.db")}
     assert counted_by <= {str(w) for w in workers}
 
