@@ -9,6 +9,8 @@ from typing import Any
 
 import ray
 
+from workers.ray_control import SINGLE_NODE_ENV
+
 log = logging.getLogger(__name__)
 
 # Environment every Ray process of ours gets (driver, Train controller, Train workers).
@@ -71,6 +73,8 @@ def start_local(
     if ray.is_initialized():
         return _info(started_here=True)
     _export_env()
+    for key, value in SINGLE_NODE_ENV.items():  # the raylet and this driver (which propagates it) read it
+        os.environ.setdefault(key, value)
     context = ray.init(
         address="local",  # a fresh cluster even if another one (e.g. `ray start`) runs on this machine
         num_cpus=num_cpus,
@@ -147,6 +151,14 @@ def train_worker_pids() -> list[int]:
         raise_on_missing_output=False,
     )
     return sorted(int(a.pid) for a in actors if a.pid)
+
+
+def actor_class_names() -> list[str]:
+    """Class names of every actor this cluster has started, alive or dead, one entry per actor (diagnostics)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=current_address(), limit=10_000, raise_on_missing_output=False)
+    return sorted(a.class_name for a in actors)
 
 
 def leaked_placement_groups(keep: set[str] | None = None) -> list[str]:

@@ -29,6 +29,10 @@ RAY_WORKER_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# For a cluster we start on this machine, bound to loopback, so it is one node: Ray Train's
+# PreemptionWatcher (an actor process per run, polling for node drains) has nothing to watch there,
+# since draining the only node ends the cluster. A cluster joined through RAY_ADDRESS keeps it.
+SINGLE_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 FINISHED = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -132,7 +136,7 @@ def start_local_head(state_file: Path, *, num_cpus: int | None = None, timeout_s
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**_head_environment(), **RAY_WORKER_ENV, "RAY_AUTH_MODE": "token"},
+            env={**_head_environment(), **RAY_WORKER_ENV, **SINGLE_NODE_ENV, "RAY_AUTH_MODE": "token"},
             start_new_session=True,
         )
     head = LocalHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", proc.pid, cpus)

@@ -21,8 +21,10 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # Ray 2.60; see JobTrainer
 
 from core.spec import JobSpec
+from workers.job_channel import JobChannel
 from workers.train_worker import CANCEL_FILE, FatalJobError, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -32,29 +34,6 @@ DRAIN_INTERVAL_S = 0.2
 OnMetrics = Callable[[int, dict[str, float]], None]
 OnEvent = Callable[[str, str, dict[str, Any]], None]
 OnCheckpoint = Callable[[int, str, dict[str, float]], None]
-
-
-@ray.remote(num_cpus=0, max_restarts=0)
-class JobChannel:
-    """Mailbox between the Train controller / rank 0 and the driver, plus the job's fatal-error record."""
-
-    def __init__(self) -> None:
-        self._items: list[dict[str, Any]] = []
-        self._fatal: dict[str, Any] | None = None
-
-    def put(self, item: dict[str, Any]) -> None:
-        self._items.append(item)
-
-    def drain(self) -> list[dict[str, Any]]:
-        items, self._items = self._items, []
-        return items
-
-    def set_fatal(self, error: dict[str, Any]) -> None:
-        if self._fatal is None:  # the first rank to fail explains the failure
-            self._fatal = error
-
-    def get_fatal(self) -> dict[str, Any] | None:
-        return self._fatal
 
 
 # Measured per rank, so they legitimately differ; every other reported value is reduced over ranks.
@@ -208,9 +187,25 @@ class _Forwarder:
             self.on_metrics(step, values)
 
 
+class JobTrainer(TorchTrainer):
+    """A TorchTrainer that starts no Ray Data `DatasetManager` actor for a run given no Ray datasets.
+
+    Ray Train V2 (2.60) always adds its `DatasetsCallback`, and that starts a `DatasetManager` actor (a
+    process importing Ray Data and Ray Train, ~1.7 s of CPU) even for `datasets=None`; our loop reads
+    its data itself. This overrides a private hook of Ray's trainer, so
+    tests/workers/test_ray_job.py checks which actors a real run starts.
+    """
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+
+
 def build_trainer(
     job_id: str, spec: JobSpec, *, artifacts_dir: Path, channel: Any, allow_remote_code: bool = False
-) -> TorchTrainer:
+) -> JobTrainer:
     """The TorchTrainer for one job; the same (job_id, artifacts_dir) resumes the same Ray run."""
     res = spec.resources
     output_dir = job_output_dir(artifacts_dir, job_id)
@@ -222,7 +217,7 @@ def build_trainer(
         "allow_remote_code": allow_remote_code,
         "channel": channel,
     }
-    return TorchTrainer(
+    return JobTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
