@@ -9,21 +9,9 @@ from typing import Any
 
 import ray
 
-from workers.ray_control import SINGLE_NODE_ENV
+from workers.ray_control import RAY_WORKER_ENV, SINGLE_NODE_ENV
 
 log = logging.getLogger(__name__)
-
-# Environment every Ray process of ours gets (driver, Train controller, Train workers).
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: the controller polls workers this often; at the 2 s default every
-#   `ray.train.report()` stalls ~1.3 s (NOTES-RAY pitfall 1).
-# RAY_TRAIN_ENABLE_PRINT_PATCH=0: no log flood when `datasets` fingerprints inside a worker (pitfall 5).
-WORKER_ENV: dict[str, str] = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 @dataclass(frozen=True)
@@ -37,13 +25,13 @@ class ClusterInfo:
 
 
 def _runtime_env(extra_env: dict[str, str] | None) -> dict[str, Any]:
-    return {"env_vars": {**WORKER_ENV, **(extra_env or {})}}
+    return {"env_vars": {**RAY_WORKER_ENV, **(extra_env or {})}}
 
 
-def _export_env() -> None:
+def _export_env(*, single_node: bool = False) -> None:
     # The local raylet and the processes it forks inherit the driver's environment, and Ray Train reads
     # some RAY_TRAIN_* settings in the controller before runtime_env applies: set them here too.
-    for key, value in WORKER_ENV.items():
+    for key, value in {**RAY_WORKER_ENV, **(SINGLE_NODE_ENV if single_node else {})}.items():
         os.environ.setdefault(key, value)
 
 
@@ -72,9 +60,7 @@ def start_local(
     """
     if ray.is_initialized():
         return _info(started_here=True)
-    _export_env()
-    for key, value in SINGLE_NODE_ENV.items():  # the raylet and this driver (which propagates it) read it
-        os.environ.setdefault(key, value)
+    _export_env(single_node=True)  # a cluster of this machine alone
     context = ray.init(
         address="local",  # a fresh cluster even if another one (e.g. `ray start`) runs on this machine
         num_cpus=num_cpus,

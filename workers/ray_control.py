@@ -22,8 +22,12 @@ from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # our clients send the cluster token; the head enforces it
 
+# Environment every Ray process of ours gets (driver, Train controller, Train workers).
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: the controller polls workers this often; at the 2 s default every
+#   `ray.train.report()` stalls ~1.3 s (NOTES-RAY pitfall 1).
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: no log flood when `datasets` fingerprints inside a worker (pitfall 5).
 RAY_WORKER_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # report() stalls ~1.3 s per call otherwise (NOTES-RAY)
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",

@@ -1,7 +1,8 @@
 """The service end to end on a real local Ray: POST over HTTP -> dispatcher -> Ray job -> 2 Ray Train workers.
 
 One `minordpo serve` process per module (its own Ray head, SQLite, MAX_CONCURRENT_JOBS=1); the
-kill test restarts it, with two API worker processes from then on. Jobs are tiny (a ~0.8M-parameter model, a few steps) so the module stays short.
+kill test restarts it, with two API worker processes from then on. Jobs are tiny (a ~0.8M-parameter
+model, a few steps) so the module stays short.
 """
 
 from __future__ import annotations
