@@ -1,8 +1,8 @@
 """Service latency on a warm local Ray: POST -> first training step, and per-step time of 2 Ray workers vs in-process.
 
-Starts `minordpo serve` (its own local Ray head), submits one warm-up job so Ray's worker processes
-and imports are warm, then times N jobs: POST to the first stored metric point, and the median step
-time from the stored points. The same spec then runs in this process (one worker) for the baseline.
+Starts `minordpo serve` (its own local Ray head), submits one warm-up job so the reference cache is
+warm, then times N jobs, each posted once the machine has been quiet for 5 s (the warm pool full):
+POST to the first stored metric point, and the median step time from the stored points. The same spec then runs in this process (one worker) for the baseline.
 Prints `post_to_first_step_s: X` and `ray_step_over_inprocess: Y`, and, in the JSON, the machine's busy
 CPU seconds from the POST to the first step (the work that start-up costs, whatever the waits).
 """
@@ -50,6 +50,20 @@ def busy_cpu_s() -> float:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(limit_s: float = 240.0, quiet_s: int = 5, busy_below: float = 0.15) -> float:
+    """Wait until the machine's CPUs have been mostly idle for `quiet_s` seconds in a row (the last job's
+    processes gone, the server's warm pool refilled: it starts once no job runs, and each process it
+    starts imports for seconds); returns the seconds waited. Every timed job starts on a warm, quiet cluster."""
+    start = time.time()
+    cores = os.cpu_count() or 1
+    quiet = 0
+    while time.time() - start < limit_s and quiet < quiet_s:
+        before = busy_cpu_s()
+        time.sleep(1.0)
+        quiet = quiet + 1 if (busy_cpu_s() - before) / cores < busy_below else 0
+    return time.time() - start
 
 
 def run_job(url: str, body: dict[str, Any]) -> tuple[float, float, list[float]]:
@@ -120,6 +134,7 @@ def main() -> None:
         run_job(url, spec(model, 3, 2))  # warm-up: worker processes, imports, reference cache
         first_steps, first_cpus, ray_steps = [], [], []
         for _ in range(args.jobs):
+            wait_quiet()
             first, cpu, gaps = run_job(url, spec(model, args.steps, 2))
             first_steps.append(first)
             first_cpus.append(cpu)

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     embedded_dispatcher: bool = Field(True, description="Run the dispatcher inside `minordpo serve`")
     dispatch_interval_s: float = Field(1.0, gt=0, description="Seconds between dispatcher passes")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray head (default: all)")
+    ray_warm_workers: int = Field(
+        2,
+        ge=0,
+        description="Train worker processes the local Ray head keeps started ahead of jobs, with the training "
+        "stack imported, besides the other processes one job needs (0: no warm processes)",
+    )
     ray_state_file: Path = Field(
         Path("var/ray-head.json"), description="Where the local Ray head is recorded"
     )

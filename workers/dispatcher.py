@@ -13,6 +13,7 @@ The database is the source of truth; the dispatcher holds no state that a restar
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -73,6 +74,21 @@ class DriverEnv:
             "MINORDPO_ALLOW_REMOTE_CODE": "true" if self.allow_remote_code else "false",
         }
 
+    def write(self) -> Path:
+        """Write these settings to `<artifacts>/driver-env.json` (0600, atomically) for the drivers to read.
+
+        A file rather than the Ray job's runtime_env: a runtime_env reaches every actor of the job (the
+        database URL with it) and changes the string Ray matches warm worker processes by.
+        """
+        path = self.artifacts_dir / "driver-env.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(self.as_env(), handle)
+        os.replace(tmp, path)
+        return path
+
 
 class Dispatcher:
     """Moves jobs from the store to Ray and keeps the two in agreement (see module docstring)."""
@@ -92,6 +108,7 @@ class Dispatcher:
         self.capacity_cpus = capacity_cpus
         self.max_concurrent = max_concurrent
         self.driver_env = driver_env
+        self.driver_env_file: Path | None = None
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._cancel_seen: dict[str, float] = {}
         self._submit_failures: dict[str, float] = {}
@@ -108,8 +125,17 @@ class Dispatcher:
         self._dispatch()
 
     def _submit(self, job: Job) -> None:
-        entrypoint = [sys.executable, "-m", "workers.entrypoint", job.id]
-        self.ray.submit(job.id, entrypoint, self.driver_env.as_env())
+        if self.driver_env_file is None or not self.driver_env_file.exists():
+            self.driver_env_file = self.driver_env.write()
+        entrypoint = [
+            sys.executable,
+            "-m",
+            "workers.entrypoint",
+            job.id,
+            "--env-file",
+            str(self.driver_env_file),
+        ]
+        self.ray.submit(job.id, entrypoint)
         with self.db.write() as s:
             set_ray_submission(s, job.id, job.id)
             append_event(s, job.id, "submitted", f"submitted to Ray as {job.id} (attempt {job.attempt})",

@@ -1,4 +1,4 @@
-"""The driver of one training job on the cluster: `python -m workers.entrypoint JOB_ID`, run by the Ray Jobs API.
+"""The driver of one training job on the cluster: `python -m workers.entrypoint JOB_ID --env-file F`, run by Ray Jobs.
 
 It reads the job from the database, runs it with Ray Train (workers.ray_job), and is the single
 writer of the job's metric points, events, checkpoints and final status. Metric rows are written as
@@ -8,7 +8,9 @@ A cancel requested in the database is passed to the run as a cooperative stop.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -55,7 +57,7 @@ class JobWriter:
 
 
 def _watch_cancel(db: Database, job_id: str, artifacts_dir: Path, done: threading.Event) -> None:
-    from workers.ray_job import request_cancel
+    from workers.job_run import request_cancel
 
     while not done.wait(CANCEL_POLL_S):
         with db.read() as s:
@@ -68,7 +70,7 @@ def _watch_cancel(db: Database, job_id: str, artifacts_dir: Path, done: threadin
 def run(job_id: str) -> int:
     """Run the job to its end and record the outcome; the exit code is 0 unless recording failed."""
     from workers import ray_cluster
-    from workers.ray_job import run_job
+    from workers.job_run import run_job
 
     settings = get_settings()
     db = Database(settings.database_url)
@@ -121,10 +123,17 @@ def run(job_id: str) -> int:
     return 0
 
 
+USAGE = "usage: python -m workers.entrypoint JOB_ID [--env-file PATH]"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m workers.entrypoint JOB_ID", file=sys.stderr)
+    if len(args) == 3 and args[1] == "--env-file":
+        # the dispatcher's settings (database, artifacts): a file it wrote, not the Ray job's runtime_env
+        os.environ.update(json.loads(Path(args[2]).read_text(encoding="utf-8")))
+        get_settings.cache_clear()
+    elif len(args) != 1:
+        print(USAGE, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return run(args[0])

@@ -24,8 +24,15 @@ class ClusterInfo:
     started_here: bool
 
 
-def _runtime_env(extra_env: dict[str, str] | None) -> dict[str, Any]:
-    return {"env_vars": {**RAY_WORKER_ENV, **(extra_env or {})}}
+def _runtime_env(extra_env: dict[str, str] | None) -> dict[str, Any] | None:
+    """The job's runtime_env: only the variables this process's environment lacks, else none at all.
+
+    A driver started by the Ray Jobs API on our head inherits the raylet's environment, which already
+    holds RAY_WORKER_ENV; with no runtime_env its actors can take the head's warm pool processes
+    (workers/warm_pool.py), which only serve actors whose runtime_env string is exactly the pool's.
+    """
+    missing = {k: v for k, v in {**RAY_WORKER_ENV, **(extra_env or {})}.items() if os.environ.get(k) != v}
+    return {"env_vars": missing} if missing else None
 
 
 def _export_env(*, single_node: bool = False) -> None:
@@ -60,6 +67,7 @@ def start_local(
     """
     if ray.is_initialized():
         return _info(started_here=True)
+    runtime_env = _runtime_env(extra_env)
     _export_env(single_node=True)  # a cluster of this machine alone
     context = ray.init(
         address="local",  # a fresh cluster even if another one (e.g. `ray start`) runs on this machine
@@ -67,7 +75,7 @@ def start_local(
         num_gpus=num_gpus,
         include_dashboard=True,
         dashboard_host=dashboard_host,
-        runtime_env=_runtime_env(extra_env),
+        runtime_env=runtime_env,
         log_to_driver=False,
         configure_logging=False,
     )
@@ -78,10 +86,9 @@ def connect(address: str, *, extra_env: dict[str, str] | None = None) -> Cluster
     """Join an existing cluster (`auto`, `host:port` of a head, or `ray://host:10001`)."""
     if ray.is_initialized():
         return _info(started_here=False)
+    runtime_env = _runtime_env(extra_env)
     _export_env()
-    context = ray.init(
-        address=address, runtime_env=_runtime_env(extra_env), log_to_driver=False, configure_logging=False
-    )
+    context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
     return _info(started_here=False, context=context)
 
 

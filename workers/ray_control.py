@@ -52,6 +52,7 @@ class LocalHead:
     dashboard_url: str
     pid: int
     num_cpus: int
+    node_manager_port: int | None = None  # the raylet's; None in a state file from before it was recorded
 
     def alive(self) -> bool:
         try:
@@ -65,6 +66,17 @@ def _head_environment() -> dict[str, str]:
     """This process's environment for `ray start`, less what must not reach Ray's own processes
     (prometheus_client's multiprocess folder of our API workers: Ray's dashboard would write into it)."""
     return {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
+
+
+def local_head_environment(preload: bool) -> dict[str, str]:
+    """The environment our local head starts with; its raylet and every process it starts inherit it.
+
+    `preload`: every Python worker the raylet starts imports workers.preload first (workers/warm_pool.py).
+    """
+    env = {**_head_environment(), **RAY_WORKER_ENV, **SINGLE_NODE_ENV, "RAY_AUTH_MODE": "token"}
+    if preload:
+        env.setdefault("RAY_preload_python_modules", "workers.preload")
+    return env
 
 
 def _free_port() -> int:
@@ -113,7 +125,9 @@ def reload_auth_token() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def start_local_head(state_file: Path, *, num_cpus: int | None = None, timeout_s: float = 180.0) -> LocalHead:
+def start_local_head(
+    state_file: Path, *, num_cpus: int | None = None, preload: bool = True, timeout_s: float = 180.0
+) -> LocalHead:
     """Reuse the head recorded in `state_file` if it still answers, else start one and record it."""
     ensure_auth_token(state_file.parent)
     if state_file.exists():
@@ -121,29 +135,30 @@ def start_local_head(state_file: Path, *, num_cpus: int | None = None, timeout_s
         if head.alive():
             return head
     cpus = num_cpus or os.cpu_count() or 1
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port, raylet_port = _free_port(), _free_port(), _free_port()
     log_path = state_file.with_suffix(".log")
     state_file.parent.mkdir(parents=True, exist_ok=True)
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [
         ray_bin, "start", "--head", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
         f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        "--include-dashboard=true", "--disable-usage-stats",
+        "--include-dashboard=true", "--disable-usage-stats", f"--node-manager-port={raylet_port}",
         # every other listener on a free port too, so this head coexists with other Ray clusters on the machine
         *(f"--{name}={_free_port()}" for name in (
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-            "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+            "metrics-export-port", "ray-client-server-port", "object-manager-port",
         )),
     ]  # fmt: skip
+    env = local_head_environment(preload)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**_head_environment(), **RAY_WORKER_ENV, **SINGLE_NODE_ENV, "RAY_AUTH_MODE": "token"},
+            env=env,
             start_new_session=True,
         )
-    head = LocalHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", proc.pid, cpus)
+    head = LocalHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", proc.pid, cpus, raylet_port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -184,16 +199,17 @@ class RayJobs:
         self.address = address
         self._client = JobSubmissionClient(address)
 
-    def submit(self, submission_id: str, entrypoint: list[str], env: dict[str, str]) -> None:
-        """Start `entrypoint` as a Ray job named `submission_id` (it asks for no CPU of its own)."""
+    def submit(self, submission_id: str, entrypoint: list[str]) -> None:
+        """Start `entrypoint` as a Ray job named `submission_id` (it asks for no CPU of its own).
+
+        No runtime_env: every actor of the job would inherit it, and its warm pool processes
+        (workers/warm_pool.py) only serve actors whose runtime_env string is exactly theirs.
+        """
         import shlex
 
         self._client.submit_job(
             entrypoint=shlex.join(entrypoint),
             submission_id=submission_id,
-            # only our own variables: the driver's ray.init (workers.ray_cluster) adds RAY_WORKER_ENV for its
-            # actors, and Ray refuses a job whose runtime_env repeats keys of the driver's
-            runtime_env={"env_vars": env},
             entrypoint_num_cpus=0,
             metadata={"minordpo_job": submission_id},
         )

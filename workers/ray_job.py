@@ -1,21 +1,16 @@
-"""Runs one training job as a Ray Train run and forwards its metrics, checkpoints and events to the driver.
+"""One training job as a Ray Train run: the trainer, the callback that forwards what it reports, how it ended.
 
-Forwarding: Ray Train V2 calls `UserCallback.after_report` inside the TrainController actor, not in
-this process. The callback pushes each row into a small per-job `JobChannel` actor (0 CPUs, owned by
-the driver); rank 0 pushes events there too. `run_job` calls `fit()` on a helper thread and drains the
-channel on the calling thread, so the `on_*` callables run on the caller's thread, in order, one at a
-time: the dispatcher can write them to the database as the single writer.
+Imports torch and Ray Train, so it runs on a warm Ray process (workers/job_run.py calls `fit_summary`
+as a task), never in the driver. Forwarding: Ray Train V2 calls `UserCallback.after_report` inside the
+TrainController actor; the callback pushes each row into the job's `JobChannel` actor, and rank 0
+pushes events there too; the driver drains the channel.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import ray
 import ray.train
@@ -24,17 +19,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # Ray 2.60; see JobTrainer
 
 from core.spec import JobSpec
-from workers.job_channel import JobChannel
-from workers.train_worker import CANCEL_FILE, FatalJobError, train_loop_per_worker
+from workers.job_run import job_output_dir
+from workers.train_worker import FatalJobError, train_loop_per_worker
+from workers.warm_pool import TRAIN_WORKER_MARKER
 
 log = logging.getLogger(__name__)
-
-DRAIN_INTERVAL_S = 0.2
-
-OnMetrics = Callable[[int, dict[str, float]], None]
-OnEvent = Callable[[str, str, dict[str, Any]], None]
-OnCheckpoint = Callable[[int, str, dict[str, float]], None]
-
 
 # Measured per rank, so they legitimately differ; every other reported value is reduced over ranks.
 LOCAL_METRICS = frozenset({"step_time", "pairs_per_second"})
@@ -82,45 +71,6 @@ class ForwardingCallback(UserCallback):
         self._put({"type": "event", "kind": "worker_error", "message": message, "data": {"ranks": ranks}})
 
 
-@dataclass
-class JobOutcome:
-    """How a job's Ray run ended."""
-
-    status: Literal["succeeded", "failed", "cancelled"]
-    last_step: int
-    total_steps: int | None = None
-    final_model_dir: Path | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    latest_checkpoint: str | None = None
-
-    @property
-    def error(self) -> dict[str, str] | None:
-        if self.error_code is None:
-            return None
-        return {"code": self.error_code, "message": self.error_message or ""}
-
-
-def job_output_dir(artifacts_dir: Path, job_id: str) -> Path:
-    """Where the core loop writes a job's checkpoints and final model (final/ in HF format)."""
-    return artifacts_dir / "jobs" / job_id
-
-
-def request_cancel(artifacts_dir: Path, job_id: str) -> None:
-    """Ask a running job to stop at its next step (it saves a checkpoint and ends `cancelled`).
-
-    A file, so any process that sees the artifacts dir can cancel, including a restarted dispatcher.
-    """
-    out = job_output_dir(artifacts_dir, job_id)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CANCEL_FILE).write_text(f"{time.time()}\n", encoding="utf-8")
-
-
-def clear_cancel(artifacts_dir: Path, job_id: str) -> None:
-    """Remove a cancel request (before deliberately resuming a cancelled job)."""
-    (job_output_dir(artifacts_dir, job_id) / CANCEL_FILE).unlink(missing_ok=True)
-
-
 def _short(exc: BaseException | None, limit: int = 500) -> str:
     if exc is None:
         return "unknown error"
@@ -151,40 +101,6 @@ def _failure(exc: BaseException, fatal: dict[str, Any] | None, retries: int) -> 
             )
         return "worker_error", f"worker rank {rank} failed after {retries} retries: {_short(err)}"
     return "ray_error", _short(exc)
-
-
-class _Forwarder:
-    """Applies channel items to the on_* callables, dropping metric rows replayed after a resume."""
-
-    def __init__(
-        self,
-        on_metrics: OnMetrics,
-        on_event: OnEvent,
-        on_checkpoint: OnCheckpoint,
-        skip_through_step: int = 0,
-    ) -> None:
-        self.on_metrics, self.on_event, self.on_checkpoint = on_metrics, on_event, on_checkpoint
-        self.last_step: dict[str, int] = {"train": skip_through_step, "eval": skip_through_step}
-        self.last_checkpoint_step = skip_through_step - 1
-        self.latest_checkpoint: str | None = None
-        self.max_step = 0
-
-    def __call__(self, item: dict[str, Any]) -> None:
-        kind = item.get("type")
-        if kind == "event":
-            self.on_event(item["kind"], item["message"], item.get("data") or {})
-            return
-        step, values = int(item["step"]), item.get("values") or {}
-        self.max_step = max(self.max_step, step)
-        if kind == "checkpoint":
-            if step > self.last_checkpoint_step:
-                self.last_checkpoint_step, self.latest_checkpoint = step, item["path"]
-                self.on_checkpoint(step, item["path"], values)
-            return
-        family = "eval" if any(k.startswith("eval/") for k in values) else "train"
-        if step > self.last_step.get(family, 0):
-            self.last_step[family] = step
-            self.on_metrics(step, values)
 
 
 class JobTrainer(TorchTrainer):
@@ -232,91 +148,43 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
             failure_config=FailureConfig(max_failures=res.max_retries),
             callbacks=[ForwardingCallback(channel)],
+            # marks the worker processes, so a warm one imports the training stack (workers/warm_pool.py)
+            worker_runtime_env={"env_vars": TRAIN_WORKER_MARKER},
         ),
     )
 
 
-def run_job(
-    job_id: str,
-    spec: JobSpec,
-    *,
-    artifacts_dir: Path,
-    on_metrics: OnMetrics,
-    on_event: OnEvent,
-    on_checkpoint: OnCheckpoint,
-    allow_remote_code: bool = False,
-    skip_through_step: int = 0,
-) -> JobOutcome:
-    """Run one job to its end on the connected Ray cluster; blocks, calling on_* on this thread as rows arrive.
+def fit_summary(
+    job_id: str, spec: JobSpec, *, artifacts_dir: Path, channel: Any, allow_remote_code: bool = False
+) -> dict[str, Any]:
+    """Run the job's Ray Train run to its end in this process and say how it ended, in plain values.
 
-    Resumes from the latest checkpoint of an earlier run with the same job_id and artifacts_dir (a
-    restarted driver). Ray restarts a lost worker group up to `spec.resources.max_retries` times from the
-    last checkpoint; rows replayed after such a restart are not forwarded twice. A restarted driver can
-    pass `skip_through_step` (the last step its store already holds) to drop rows replayed across drivers.
+    Runs as a Ray task on a warm process (workers/job_run.py), so the driver never imports torch. Keys:
+    status (succeeded/failed/cancelled), step, total_steps, final_model_dir, code and message (failures).
     """
-    channel = JobChannel.remote()
-    forward = _Forwarder(on_metrics, on_event, on_checkpoint, skip_through_step)
-    box: dict[str, Any] = {}
-
-    def fit() -> None:  # not on the main thread: fit() there installs a SIGINT handler
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            box["error"] = exc
-
-    try:
-        trainer = build_trainer(
-            job_id, spec, artifacts_dir=artifacts_dir, channel=channel, allow_remote_code=allow_remote_code
-        )
-        thread = threading.Thread(target=fit, name=f"ray-fit-{job_id}", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(DRAIN_INTERVAL_S)
-            for item in ray.get(channel.drain.remote()):
-                forward(item)
-        for item in ray.get(channel.drain.remote()):
-            forward(item)
-        fatal = ray.get(channel.get_fatal.remote())
-    finally:
-        ray.kill(channel)
-    return _outcome(box, fatal, forward, spec.resources.max_retries)
-
-
-def _outcome(
-    box: dict[str, Any], fatal: dict[str, Any] | None, forward: _Forwarder, retries: int
-) -> JobOutcome:
-    if "error" in box:
-        code, message = _failure(box["error"], fatal, retries)
-        return JobOutcome(
-            "failed",
-            forward.max_step,
-            error_code=code,
-            error_message=message,
-            latest_checkpoint=forward.latest_checkpoint,
-        )
-    result = box["result"]
-    if getattr(result, "error", None) is not None:
-        box["error"] = result.error
-        return _outcome(box, fatal, forward, retries)
-    value = getattr(result, "return_value", None) or {}
-    status = value.get("status")
-    step = int(value.get("step") or forward.max_step)
-    total = value.get("total_steps")
-    if status == "failed" or value.get("error"):
-        err = value.get("error") or fatal or {"code": "worker_error", "message": "the run failed"}
-        return JobOutcome(
-            "failed",
-            forward.max_step,
-            total,
-            error_code=err["code"],
-            error_message=err["message"],
-            latest_checkpoint=forward.latest_checkpoint,
-        )
-    final = value.get("final_model_dir")
-    return JobOutcome(
-        "cancelled" if status == "cancelled" else "succeeded",
-        step,
-        total,
-        final_model_dir=Path(final) if final else None,
-        latest_checkpoint=forward.latest_checkpoint,
+    trainer = build_trainer(
+        job_id, spec, artifacts_dir=artifacts_dir, channel=channel, allow_remote_code=allow_remote_code
     )
+    try:
+        result = trainer.fit()
+        error = getattr(result, "error", None)
+    except Exception as exc:  # noqa: BLE001 - every way a run ends is reported, none raised
+        result, error = None, exc
+    if error is not None:
+        code, message = _failure(error, ray.get(channel.get_fatal.remote()), spec.resources.max_retries)
+        return {"status": "failed", "code": code, "message": message}
+    value = getattr(result, "return_value", None) or {}
+    if value.get("status") == "failed" or value.get("error"):
+        err = value.get("error") or ray.get(channel.get_fatal.remote()) or {}
+        return {
+            "status": "failed",
+            "total_steps": value.get("total_steps"),
+            "code": err.get("code", "worker_error"),
+            "message": err.get("message", "the run failed"),
+        }
+    return {
+        "status": "cancelled" if value.get("status") == "cancelled" else "succeeded",
+        "step": value.get("step"),
+        "total_steps": value.get("total_steps"),
+        "final_model_dir": value.get("final_model_dir"),
+    }

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from core.settings import Settings
-from core.store import Database
+from core.store import Database, active_jobs
 from core.webhooks import project_secret
 from workers.dispatcher import Dispatcher, DriverEnv
 from workers.ray_control import (
@@ -17,9 +17,11 @@ from workers.ray_control import (
     RayUnavailableError,
     cluster_cpus,
     jobs_api_reachable,
+    local_head_environment,
     start_local_head,
     stop_local_head,
 )
+from workers.warm_pool import WarmPool, job_pool_kinds
 from workers.webhooks import WebhookSender
 
 log = logging.getLogger("workers.service")
@@ -36,6 +38,8 @@ class DispatcherService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._webhook_thread: threading.Thread | None = None
+        self._pool_thread: threading.Thread | None = None
+        self.warm_pool: WarmPool | None = None
         self.webhooks: WebhookSender | None = None
 
     def _capacity(self) -> Callable[[], float]:
@@ -59,7 +63,11 @@ class DispatcherService:
             address = self.settings.ray_address
             log.info("using the Ray cluster at %s", address)
         else:
-            self.head = start_local_head(self.settings.ray_state_file, num_cpus=self.settings.ray_num_cpus)
+            self.head = start_local_head(
+                self.settings.ray_state_file,
+                num_cpus=self.settings.ray_num_cpus,
+                preload=self.settings.ray_warm_workers > 0,
+            )
             address = self.head.dashboard_url
             log.info(
                 "local Ray head %s (%d CPUs), dashboard on loopback",
@@ -91,7 +99,23 @@ class DispatcherService:
             daemon=True,
         )
         self._thread.start()
+        self.start_warm_pool()
         self.start_webhooks()
+
+    def start_warm_pool(self) -> None:
+        """Keep warm worker processes on our local head (not on a cluster joined through RAY_ADDRESS)."""
+        head, wanted = self.head, self.settings.ray_warm_workers
+        if head is None or wanted == 0 or head.node_manager_port is None:
+            return
+        kinds = job_pool_kinds(local_head_environment(preload=True), train_workers=wanted)
+        self.warm_pool = WarmPool(head.node_manager_port, kinds)
+        self._pool_thread = threading.Thread(
+            target=self.warm_pool.run,
+            args=(self._stop, 1.0, self._a_job_is_starting),
+            name="warm-pool",
+            daemon=True,
+        )
+        self._pool_thread.start()
 
     def start_webhooks(self) -> None:
         """Start the webhook sender thread (deliveries are owed by whichever process dispatches)."""
@@ -117,13 +141,20 @@ class DispatcherService:
         )
         self._webhook_thread.start()
 
+    def _a_job_is_starting(self) -> bool:
+        """Whether a running job has not reported its first step yet: the pool waits for it, since a warm
+        process imports for seconds and on a small machine that CPU would come out of the start."""
+        with self.db.read() as s:
+            return any(job.step == 0 for job in active_jobs(s))
+
     def stop(self) -> None:
         """Stop the loop; stop our local head too when configured (running jobs resume from checkpoints later)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self._webhook_thread is not None:
-            self._webhook_thread.join(timeout=30)
+        for thread in (self._webhook_thread, self._pool_thread):
+            if thread is not None:
+                thread.join(timeout=30)
         if self.webhooks is not None:
             self.webhooks.close()
         if self.head is not None and self.settings.stop_ray_on_exit:

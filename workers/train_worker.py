@@ -17,11 +17,10 @@ from core.data import DatasetError
 from core.models import ModelLoadError
 from core.spec import JobSpec
 from core.training import Distributed, RunOptions, Trainer, TrainingError
+from workers.job_run import CANCEL_FILE
 
 log = logging.getLogger(__name__)
 
-CANCEL_FILE = "CANCEL"
-"""A file of this name in the job's output dir asks the run to stop (checked by rank 0 before each step)."""
 
 # Errors that a retry cannot fix: the same spec and data fail the same way again.
 FATAL_ERRORS = (TrainingError, DatasetError, ModelLoadError)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.ray_job import _failure, _Forwarder, _rank_differences
+from workers.job_run import _Forwarder
+from workers.ray_job import _failure, _rank_differences
 from workers.train_worker import FatalJobError, error_payload
 
 

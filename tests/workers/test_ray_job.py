@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from workers import ray_cluster
-from workers.ray_job import clear_cancel, job_output_dir, request_cancel, run_job
+from workers.job_run import clear_cancel, job_output_dir, request_cancel, run_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -7,6 +7,7 @@ model, a few steps) so the module stays short.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from tests.serving import pid_alive
 from tests.workers.service_helpers import TERMINAL, Server, get, job_body, metric_steps, submit, wait_for
+from workers.warm_pool import _children, raylet_pid
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -60,6 +62,42 @@ def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_fil
     payloads = [Webhook(secret).verify(body, headers) for headers, body in receiver.requests]
     assert [p["type"] for p in payloads] == ["job.started", "job.checkpoint", "job.succeeded"]
     assert payloads[-1]["data"]["metrics"]["loss"] == job["metrics"]["loss"]
+
+
+def _idle_and_busy(raylet: int) -> tuple[set[int], dict[int, str]]:
+    """The raylet's idle worker processes, and the titles of the others that run something."""
+    children = _children(raylet)
+    idle = {pid for pid, (title, _) in children.items() if title == "ray::IDLE"}
+    busy = {
+        pid: title for pid, (title, _) in children.items() if title.startswith("ray::") and pid not in idle
+    }
+    return idle, busy
+
+
+def test_a_job_takes_its_processes_from_the_warm_pool(server, tiny_model_dir, learnable_pairs_file):
+    head = json.loads((server.root / "var" / "ray-head.json").read_text())
+    raylet = raylet_pid(head["node_manager_port"])
+    assert raylet is not None
+    # supervisor, channel, fit task, controller + its 2 helpers, 2 Train workers: all warm and imported
+    deadline = time.monotonic() + 300
+    while len(_idle_and_busy(raylet)[0]) < 8:
+        assert time.monotonic() < deadline, f"the warm pool did not fill: {_idle_and_busy(raylet)}"
+        time.sleep(1)
+    warm = _idle_and_busy(raylet)[0]
+    job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=2))
+    seen: dict[int, str] = {}
+    while get(server, job_id)["status"] not in TERMINAL:
+        seen.update(_idle_and_busy(raylet)[1])
+        time.sleep(0.1)
+    assert get(server, job_id)["status"] == "succeeded"
+
+    def pids(prefix: str) -> set[int]:
+        return {pid for pid, title in seen.items() if title.startswith(prefix)}
+
+    workers, others = pids("ray::RayTrainWorker"), pids("ray::TrainController") | pids("ray::_fit")
+    assert len(workers) == 2 and len(others) == 2, seen
+    assert workers | others <= warm, f"started cold: {sorted((workers | others) - warm)} of {seen}"
+    assert any("JobSupervisor" in seen[pid] for pid in warm & seen.keys()), seen
 
 
 def test_second_job_waits_in_queue_then_runs(server, tiny_model_dir, learnable_pairs_file):

@@ -1,0 +1,98 @@
+"""The warm pool's bookkeeping, without Ray: which kind a process is, and when processes are started.
+
+That a real job takes its processes from the pool is checked end to end in test_service_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workers import warm_pool
+from workers.job_run import RUN_ENV
+from workers.warm_pool import TRAIN_WORKER_MARKER, PoolKind, WarmPool, classify, job_pool_kinds
+
+HEAD_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    "PATH": "/usr/bin",
+    "MINORDPO_DATABASE_URL": "sqlite://",
+}
+
+
+def test_kinds_carry_ray_trains_variables_and_our_markers() -> None:
+    kinds = {k.name: k for k in job_pool_kinds(HEAD_ENV, train_workers=3)}
+    assert [kinds[n].target for n in ("supervisor", "channel", "fit", "controller", "train_worker")] == [
+        1,
+        1,
+        1,
+        3,
+        3,
+    ]
+    assert kinds["channel"].serialized_runtime_env is None
+    assert kinds["fit"].env_vars == RUN_ENV
+    controller = kinds["controller"].env_vars
+    # what Ray Train propagates from the driver's environment, plus its own default, plus the fit task's
+    assert controller["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.1"
+    assert "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC" in controller
+    assert "PATH" not in controller and "MINORDPO_DATABASE_URL" not in controller
+    assert kinds["train_worker"].env_vars == {**controller, **TRAIN_WORKER_MARKER}
+    # merged runtime_envs are compact json, as the core worker writes them; the fit task's is Python's
+    assert kinds["controller"].serialized_runtime_env == json.dumps(
+        {"env_vars": controller}, sort_keys=True, separators=(",", ":")
+    )
+    assert kinds["fit"].serialized_runtime_env == '{"env_vars": {"MINORDPO_RUN": "1"}}'
+
+
+def test_a_process_is_the_most_specific_kind_its_environment_holds() -> None:
+    kinds = job_pool_kinds(HEAD_ENV, train_workers=2)
+    by_name = {k.name: k for k in kinds}
+    base = dict(HEAD_ENV)
+    assert classify({**base, **by_name["train_worker"].env_vars}, kinds) == "train_worker"
+    assert classify({**base, **by_name["controller"].env_vars}, kinds) == "controller"
+    assert classify({**base, **RUN_ENV}, kinds) == "fit"
+    assert classify({**base, **by_name["supervisor"].env_vars}, kinds) == "supervisor"
+    assert classify(base, kinds) == "channel"
+    assert classify(base, [k for k in kinds if k.name != "channel"]) is None
+
+
+class FakeRaylet:
+    """Stands in for /proc and the raylet's PrestartWorkers: a started process appears as an idle child."""
+
+    def __init__(self, pool: WarmPool) -> None:
+        self.children: dict[int, tuple[str, dict[str, str]]] = {}
+        self.started: list[str] = []
+        self.pool = pool
+
+    def prestart(self, kind: PoolKind) -> None:
+        self.started.append(kind.name)
+        self.children[1000 + len(self.children)] = ("ray::IDLE", {**HEAD_ENV, **kind.env_vars})
+
+
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> tuple[WarmPool, FakeRaylet]:
+    pool = WarmPool(0, job_pool_kinds(HEAD_ENV, train_workers=2))
+    pool._raylet_pid = 1
+    raylet = FakeRaylet(pool)
+    monkeypatch.setattr(warm_pool, "_children", lambda pid: raylet.children)
+    monkeypatch.setattr(pool, "_prestart", raylet.prestart)
+    return pool, raylet
+
+
+def test_fill_starts_what_is_missing_and_counts_busy_processes_out(pool) -> None:
+    pool, raylet = pool
+    assert pool.fill() == 8
+    assert sorted(raylet.started) == sorted(["channel", "controller", "controller", "controller", "fit",
+                                             "supervisor", "train_worker", "train_worker"])  # fmt: skip
+    assert pool.fill() == 0  # full: nothing more
+    # a job takes a Train worker: its process is no longer idle, and one more is started
+    pid = next(p for p, (_, env) in raylet.children.items() if env.get("MINORDPO_TRAIN_WORKER"))
+    raylet.children[pid] = ("ray::RayTrainWorker", raylet.children[pid][1])
+    assert pool.counts()["train_worker"] == 1
+    assert pool.fill() == 1 and raylet.started[-1] == "train_worker"
+
+
+def test_fill_waits_while_a_job_is_starting(pool) -> None:
+    pool, raylet = pool
+    assert pool.fill(hold=lambda: True) == 0
+    assert raylet.started == []

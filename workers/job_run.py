@@ -1,0 +1,166 @@
+"""Drives one job's Ray Train run from its driver, which imports Ray and nothing heavier.
+
+`run_job` starts `fit()` as a Ray task (workers.ray_job.fit_summary, on a warm process that has torch
+and Ray Train imported; see workers/warm_pool.py) and drains the job's channel on the calling thread
+while it runs, so the `on_*` callables run here, in order, one at a time: the driver writes them to
+the database as the single writer. Rows replayed after a worker-group restart are not forwarded twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import ray
+
+from core.spec import JobSpec
+from workers.job_channel import JobChannel
+
+DRAIN_INTERVAL_S = 0.2
+CANCEL_FILE = "CANCEL"
+"""A file of this name in the job's output dir asks the run to stop (checked by rank 0 before each step)."""
+RUN_ENV = {"MINORDPO_RUN": "1"}
+"""The runtime_env env_vars of the task that runs fit(): its warm process imports workers.ray_job, and
+Ray Train's controller and workers, started from it, inherit the variable (workers/warm_pool.py)."""
+
+OnMetrics = Callable[[int, dict[str, float]], None]
+OnEvent = Callable[[str, str, dict[str, Any]], None]
+OnCheckpoint = Callable[[int, str, dict[str, float]], None]
+
+
+@dataclass
+class JobOutcome:
+    """How a job's Ray run ended."""
+
+    status: Literal["succeeded", "failed", "cancelled"]
+    last_step: int
+    total_steps: int | None = None
+    final_model_dir: Path | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    latest_checkpoint: str | None = None
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        if self.error_code is None:
+            return None
+        return {"code": self.error_code, "message": self.error_message or ""}
+
+
+def job_output_dir(artifacts_dir: Path, job_id: str) -> Path:
+    """Where the core loop writes a job's checkpoints and final model (final/ in HF format)."""
+    return artifacts_dir / "jobs" / job_id
+
+
+def request_cancel(artifacts_dir: Path, job_id: str) -> None:
+    """Ask a running job to stop at its next step (it saves a checkpoint and ends `cancelled`).
+
+    A file, so any process that sees the artifacts dir can cancel, including a restarted dispatcher.
+    """
+    out = job_output_dir(artifacts_dir, job_id)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CANCEL_FILE).write_text(f"{time.time()}\n", encoding="utf-8")
+
+
+def clear_cancel(artifacts_dir: Path, job_id: str) -> None:
+    """Remove a cancel request (before deliberately resuming a cancelled job)."""
+    (job_output_dir(artifacts_dir, job_id) / CANCEL_FILE).unlink(missing_ok=True)
+
+
+class _Forwarder:
+    """Applies channel items to the on_* callables, dropping metric rows replayed after a resume."""
+
+    def __init__(
+        self,
+        on_metrics: OnMetrics,
+        on_event: OnEvent,
+        on_checkpoint: OnCheckpoint,
+        skip_through_step: int = 0,
+    ) -> None:
+        self.on_metrics, self.on_event, self.on_checkpoint = on_metrics, on_event, on_checkpoint
+        self.last_step: dict[str, int] = {"train": skip_through_step, "eval": skip_through_step}
+        self.last_checkpoint_step = skip_through_step - 1
+        self.latest_checkpoint: str | None = None
+        self.max_step = 0
+
+    def __call__(self, item: dict[str, Any]) -> None:
+        kind = item.get("type")
+        if kind == "event":
+            self.on_event(item["kind"], item["message"], item.get("data") or {})
+            return
+        step, values = int(item["step"]), item.get("values") or {}
+        self.max_step = max(self.max_step, step)
+        if kind == "checkpoint":
+            if step > self.last_checkpoint_step:
+                self.last_checkpoint_step, self.latest_checkpoint = step, item["path"]
+                self.on_checkpoint(step, item["path"], values)
+            return
+        family = "eval" if any(k.startswith("eval/") for k in values) else "train"
+        if step > self.last_step.get(family, 0):
+            self.last_step[family] = step
+            self.on_metrics(step, values)
+
+
+def _fit(
+    job_id: str, spec_json: str, artifacts_dir: str, channel: Any, allow_remote_code: bool
+) -> dict[str, Any]:
+    """The task body: imports the heavy module in the task's (warm) process, not in the driver."""
+    from workers.ray_job import fit_summary
+
+    spec = JobSpec.model_validate_json(spec_json)
+    return fit_summary(
+        job_id, spec, artifacts_dir=Path(artifacts_dir), channel=channel, allow_remote_code=allow_remote_code
+    )
+
+
+def run_job(
+    job_id: str,
+    spec: JobSpec,
+    *,
+    artifacts_dir: Path,
+    on_metrics: OnMetrics,
+    on_event: OnEvent,
+    on_checkpoint: OnCheckpoint,
+    allow_remote_code: bool = False,
+    skip_through_step: int = 0,
+) -> JobOutcome:
+    """Run one job to its end on the connected Ray cluster; blocks, calling on_* on this thread as rows arrive.
+
+    Resumes from the latest checkpoint of an earlier run with the same job_id and artifacts_dir (a
+    restarted driver). Ray restarts a lost worker group up to `spec.resources.max_retries` times from the
+    last checkpoint; rows replayed after such a restart are not forwarded twice. A restarted driver can
+    pass `skip_through_step` (the last step its store already holds) to drop rows replayed across drivers.
+    Raises when the fit task itself is lost (its process killed); a failed run is an outcome.
+    """
+    channel = JobChannel.remote()
+    forward = _Forwarder(on_metrics, on_event, on_checkpoint, skip_through_step)
+    fit = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": RUN_ENV})(_fit)
+    try:
+        done = fit.remote(job_id, spec.model_dump_json(), str(artifacts_dir), channel, allow_remote_code)
+        while True:
+            ready, _ = ray.wait([done], timeout=DRAIN_INTERVAL_S)
+            for item in ray.get(channel.drain.remote()):  # after `done` is ready, this drain is the last
+                forward(item)
+            if ready:
+                break
+        summary = ray.get(done)
+    finally:
+        ray.kill(channel)
+    return _outcome(summary, forward)
+
+
+def _outcome(summary: dict[str, Any], forward: _Forwarder) -> JobOutcome:
+    status = summary["status"]
+    final = summary.get("final_model_dir")
+    return JobOutcome(
+        status,
+        forward.max_step if status == "failed" else int(summary.get("step") or forward.max_step),
+        summary.get("total_steps"),
+        final_model_dir=Path(final) if final else None,
+        error_code=summary.get("code"),
+        error_message=summary.get("message"),
+        latest_checkpoint=forward.latest_checkpoint,
+    )

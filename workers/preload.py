@@ -1,0 +1,21 @@
+"""What a warm Ray worker process imports while it idles (the local head's `RAY_preload_python_modules`).
+
+A Train worker (TRAIN_WORKER_MARKER in its environment) gets the whole training stack, including what
+transformers imports on first use (seconds on a small machine); the task that runs fit() and the Train
+controller with its helper actors (RUN_ENV) get Ray Train, torch and our trainer; any other process
+(the Jobs API's supervisor, our channel) gets nothing, as before. See workers/warm_pool.py.
+"""
+
+import os
+
+if os.environ.get("MINORDPO_TRAIN_WORKER"):
+    import peft  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import workers.ray_job  # noqa: F401
+    import workers.train_worker  # noqa: F401
+elif os.environ.get("MINORDPO_RUN"):
+    import workers.ray_job  # noqa: F401

@@ -1,0 +1,246 @@
+"""Warm Ray worker processes for our local head: started ahead of jobs, with torch and the training code imported.
+
+A job asks Ray for about eight processes (the Jobs API's supervisor, our mailbox actor, Ray Train's
+controller, synchronization actor and placement-group cleaner, one process per Train worker). Started
+cold, each imports Ray, torch and, for a Train worker, transformers: most of the time from POST to the
+first step on a small machine. The raylet can start idle workers ahead of time and keep them alive
+(its `PrestartWorkers` call), and hands one to the next actor whose runtime_env string is the same
+(it matches a hash of the string, byte for byte); `RAY_preload_python_modules=workers.preload` makes
+each import what it will need while it idles. This module keeps a few such processes ready for each
+runtime_env a job's actors use, and starts more as jobs take them.
+
+The strings, as Ray 2.60 writes them (tests/workers/test_warm_pool.py checks a real job takes the pool):
+- the supervisor: the Jobs API's own runtime_env for it (`_get_supervisor_runtime_env`);
+- our channel, made by the driver: none, since jobs are submitted without one;
+- the task that runs fit() (workers/job_run.py): `{"env_vars": RUN_ENV}`, as Python's json writes it;
+- Ray Train's controller, and the actors it starts: what Ray Train propagates to it (V:
+  `get_env_vars_to_propagate`, plus its default for RAY_WARN_BLOCKING_GET_INSIDE_ASYNC) merged with
+  the task's RUN_ENV, which the core worker writes as compact json;
+- Train workers: the same plus TRAIN_WORKER_MARKER.
+Each kind's variables are also how a process is told apart (`classify`), and what workers.preload
+reads to import what that process will need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("workers.warm_pool")
+
+TRAIN_WORKER_MARKER = {"MINORDPO_TRAIN_WORKER": "1"}
+"""Set on Train worker processes (RunConfig.worker_runtime_env): workers.preload imports the whole
+training stack only where this is set."""
+KEEP_ALIVE_S = 3600
+"""How long the raylet keeps a warm process it started for us, idle; we start another after that."""
+STARTUP_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class PoolKind:
+    """Processes of one runtime_env: its exact serialized string (None: no runtime_env) and how many to keep."""
+
+    name: str
+    serialized_runtime_env: str | None
+    target: int
+
+    @property
+    def env_vars(self) -> dict[str, str]:
+        if self.serialized_runtime_env is None:
+            return {}
+        return dict(json.loads(self.serialized_runtime_env).get("env_vars") or {})
+
+
+def train_env_vars(env: Mapping[str, str]) -> dict[str, str]:
+    """The env_vars Ray Train gives its controller when the driver's environment is `env` (Ray 2.60)."""
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        ENV_VARS_TO_PROPAGATE,
+        RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+    )
+
+    out = {key: env[key] for key in ENV_VARS_TO_PROPAGATE if key in env}
+    out.setdefault(
+        RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
+    )
+    return out
+
+
+def supervisor_runtime_env() -> str:
+    """The runtime_env string of the Jobs API's supervisor actor for a job submitted without one."""
+    from ray.dashboard.modules.job.job_manager import JobManager
+    from ray.runtime_env import RuntimeEnv
+
+    runtime_env = JobManager._get_supervisor_runtime_env(None, None, "", resources_specified=False)  # type: ignore[arg-type]
+    return RuntimeEnv(**runtime_env).serialize()
+
+
+def job_pool_kinds(head_env: Mapping[str, str], train_workers: int) -> list[PoolKind]:
+    """What one job with `train_workers` Train workers takes, for drivers whose environment is `head_env`."""
+    from workers.job_run import RUN_ENV
+
+    env_vars = {**train_env_vars(head_env), **RUN_ENV}
+    worker_vars = {**env_vars, **TRAIN_WORKER_MARKER}
+    return [
+        PoolKind("supervisor", supervisor_runtime_env(), 1),
+        PoolKind("channel", None, 1),
+        PoolKind("fit", json.dumps({"env_vars": RUN_ENV}), 1),
+        PoolKind("controller", _compact({"env_vars": env_vars}), 3),
+        PoolKind("train_worker", _compact({"env_vars": worker_vars}), train_workers),
+    ]
+
+
+def _compact(runtime_env: dict[str, object]) -> str:
+    """A runtime_env as the core worker writes one it merged with its parent's: compact, sorted json."""
+    return json.dumps(runtime_env, sort_keys=True, separators=(",", ":"))
+
+
+def _children(pid: int) -> dict[int, tuple[str, dict[str, str]]]:
+    """Direct children of `pid`: their process titles and environments (Linux /proc)."""
+    out: dict[int, tuple[str, dict[str, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            pairs = (item.partition(b"=") for item in (entry / "environ").read_bytes().split(b"\0") if item)
+            out[int(entry.name)] = (
+                title,
+                {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs},
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def raylet_pid(node_manager_port: int) -> int | None:
+    """The pid of the raylet listening on `node_manager_port` on this machine."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            argv
+            and argv[0].endswith(b"/raylet")
+            and f"--node_manager_port={node_manager_port}".encode() in argv
+        ):
+            return int(entry.name)
+    return None
+
+
+def _starting_or_idle(title: str) -> bool:
+    """A worker process still importing (its command line) or idle (the title Ray gives it once registered)."""
+    return title == "ray::IDLE" or "default_worker.py" in title
+
+
+def classify(environ: Mapping[str, str], kinds: list[PoolKind]) -> str | None:
+    """The kind whose env_vars the process environment holds, the most specific one; None if none does."""
+    best: PoolKind | None = None
+    for kind in kinds:
+        wanted = kind.env_vars
+        if all(environ.get(k) == v for k, v in wanted.items()) and (
+            best is None or len(wanted) > len(best.env_vars)
+        ):
+            best = kind
+    return best.name if best else None
+
+
+class WarmPool:
+    """Keeps `kinds` of warm processes on one raylet; `fill()` is one pass, `run()` the loop.
+
+    A warm process is told apart by its environment (the runtime_env's env_vars are set in it), so a
+    restarted server counts the processes an earlier one started instead of starting more.
+    """
+
+    def __init__(self, node_manager_port: int, kinds: list[PoolKind]) -> None:
+        self.raylet_address = f"127.0.0.1:{node_manager_port}"
+        self.node_manager_port = node_manager_port
+        self.kinds = sorted(kinds, key=lambda kind: kind.name)
+        self._raylet_pid: int | None = None
+        self._stub = None
+
+    @property
+    def raylet_pid(self) -> int:
+        """The raylet's pid (it may start after the head's Jobs API answers, so looked up on first use)."""
+        if self._raylet_pid is None:
+            self._raylet_pid = raylet_pid(self.node_manager_port)
+            if self._raylet_pid is None:
+                raise LookupError(f"no raylet listens on port {self.node_manager_port} on this machine")
+        return self._raylet_pid
+
+    def _prestart(self, kind: PoolKind) -> None:
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray._private.utils import get_runtime_env_info
+        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+        from ray.runtime_env import RuntimeEnv
+
+        if self._stub is None:
+            self._stub = node_manager_pb2_grpc.NodeManagerServiceStub(init_grpc_channel(self.raylet_address))
+        request = node_manager_pb2.PrestartWorkersRequest(
+            language=common_pb2.Language.PYTHON, keep_alive_duration_secs=KEEP_ALIVE_S, num_workers=1
+        )
+        if kind.serialized_runtime_env is not None:
+            info = get_runtime_env_info(RuntimeEnv())
+            info.serialized_runtime_env = kind.serialized_runtime_env
+            request.runtime_env_info.CopyFrom(info)
+        self._stub.PrestartWorkers(request, timeout=10)
+
+    def counts(self) -> dict[str, int]:
+        """Warm processes of each kind that no actor has taken yet (starting or idle)."""
+        counts = {kind.name: 0 for kind in self.kinds}
+        for title, environ in _children(self.raylet_pid).values():
+            name = classify(environ, self.kinds) if _starting_or_idle(title) else None
+            if name is not None:
+                counts[name] += 1
+        return counts
+
+    def fill(self, stop: threading.Event | None = None, hold: Callable[[], bool] = lambda: False) -> int:
+        """Start the processes missing, one at a time, each once the last is seen; returns how many.
+
+        Stops early when `stop` is set or `hold()` says so (the service holds while a job is starting).
+        """
+        started = 0
+        for kind in self.kinds:
+            have = self.counts()[kind.name]
+            while have < kind.target:
+                if (stop is not None and stop.is_set()) or hold():
+                    return started
+                self._prestart(kind)
+                deadline = time.monotonic() + STARTUP_TIMEOUT_S
+                while self.counts()[kind.name] <= have:
+                    if time.monotonic() > deadline:
+                        log.warning(
+                            "warm pool: no %s process appeared within %.0fs", kind.name, STARTUP_TIMEOUT_S
+                        )
+                        return started
+                    time.sleep(0.1)
+                have += 1
+                started += 1
+        return started
+
+    def run(
+        self, stop: threading.Event, interval_s: float = 1.0, hold: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Top the pool up every `interval_s` until `stop` is set, except while `hold()` (errors are logged)."""
+        while not stop.is_set():
+            try:
+                started = self.fill(stop, hold)
+                if started:
+                    log.info("warm pool: started %d process(es); now %s", started, self.counts())
+            except LookupError as exc:  # the raylet not up yet, or gone with the head
+                log.info("warm pool: %s", exc)
+                stop.wait(5)
+            except Exception:  # noqa: BLE001 - a pool that cannot fill only makes jobs start cold
+                log.exception("warm pool: topping up failed")
+                stop.wait(30)
+            stop.wait(interval_s)
