@@ -119,7 +119,7 @@ def main() -> None:
         MINORDPO_DATABASE_URL=f"sqlite:///{root / 'db.sqlite'}", MINORDPO_ARTIFACTS_DIR=str(root / "artifacts"),
         MINORDPO_ALLOWED_PATHS=os.pathsep.join([str(root), str(SHARED)]), MINORDPO_PORT=str(port),
         MINORDPO_RAY_STATE_FILE=str(root / "ray-head.json"), MINORDPO_DISPATCH_INTERVAL_S="0.2",
-        MINORDPO_LOG_LEVEL="WARNING", PYTHONPATH=str(REPO),
+        MINORDPO_LOG_LEVEL="INFO", PYTHONPATH=str(REPO),
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     log = (root / "serve.log").open("wb")

@@ -38,7 +38,10 @@ TRAIN_WORKER_MARKER = {"MINORDPO_TRAIN_WORKER": "1"}
 training stack only where this is set."""
 KEEP_ALIVE_S = 3600
 """How long the raylet keeps a warm process it started for us, idle; we start another after that."""
-STARTUP_TIMEOUT_S = 20.0
+APPEAR_TIMEOUT_S = 5.0
+"""How long a requested process may take to show up before the request is sent again: the raylet drops
+a prestart request, silently, when `maximum_startup_concurrency` (its CPU count) processes are starting."""
+PRESTART_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -215,18 +218,38 @@ class WarmPool:
             while have < kind.target:
                 if (stop is not None and stop.is_set()) or hold():
                     return started
-                self._prestart(kind)
-                deadline = time.monotonic() + STARTUP_TIMEOUT_S
-                while self.counts()[kind.name] <= have:
-                    if time.monotonic() > deadline:
-                        log.warning(
-                            "warm pool: no %s process appeared within %.0fs", kind.name, STARTUP_TIMEOUT_S
-                        )
-                        return started
-                    time.sleep(0.1)
+                if not self._start_one(kind, have):
+                    log.warning(
+                        "warm pool: the raylet started no %s process for %d requests",
+                        kind.name,
+                        PRESTART_TRIES,
+                    )
+                    return started
                 have += 1
                 started += 1
         return started
+
+    def _start_one(self, kind: PoolKind, have: int) -> bool:
+        """Ask for one process of `kind` once no other is registering (so the request is not dropped)."""
+        for _ in range(PRESTART_TRIES):
+            self._await(
+                lambda: (
+                    not any("default_worker.py" in title for title, _ in _children(self.raylet_pid).values())
+                )
+            )
+            self._prestart(kind)
+            if self._await(lambda: self.counts()[kind.name] > have):
+                return True
+        return False
+
+    @staticmethod
+    def _await(condition: Callable[[], bool], timeout_s: float | None = None) -> bool:
+        deadline = time.monotonic() + (APPEAR_TIMEOUT_S if timeout_s is None else timeout_s)
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def run(
         self, stop: threading.Event, interval_s: float = 1.0, hold: Callable[[], bool] = lambda: False

@@ -62,11 +62,15 @@ class FakeRaylet:
     def __init__(self, pool: WarmPool) -> None:
         self.children: dict[int, tuple[str, dict[str, str]]] = {}
         self.started: list[str] = []
+        self.drop = 0  # how many of the next requests the raylet drops (its start-up concurrency was full)
         self.pool = pool
 
     def prestart(self, kind: PoolKind) -> None:
         self.started.append(kind.name)
-        self.children[1000 + len(self.children)] = ("ray::IDLE", {**HEAD_ENV, **kind.env_vars})
+        if self.drop:
+            self.drop -= 1
+            return
+        self.children[1000 + len(self.started)] = ("ray::IDLE", {**HEAD_ENV, **kind.env_vars})
 
 
 @pytest.fixture
@@ -90,6 +94,20 @@ def test_fill_starts_what_is_missing_and_counts_busy_processes_out(pool) -> None
     raylet.children[pid] = ("ray::RayTrainWorker", raylet.children[pid][1])
     assert pool.counts()["train_worker"] == 1
     assert pool.fill() == 1 and raylet.started[-1] == "train_worker"
+
+
+def test_a_dropped_request_is_sent_again(pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool, raylet = pool
+    monkeypatch.setattr(warm_pool, "APPEAR_TIMEOUT_S", 0.2)
+    raylet.drop = 1
+    assert pool.fill() == 8  # every kind at its target
+    assert len(raylet.started) == 9  # one request more than processes
+    # a raylet that starts nothing: fill gives up after a few requests instead of hanging
+    raylet.drop = warm_pool.PRESTART_TRIES
+    taken = next(p for p, (_, env) in raylet.children.items() if env.get("MINORDPO_TRAIN_WORKER"))
+    del raylet.children[taken]
+    assert pool.fill() == 0
+    assert len(raylet.started) == 9 + warm_pool.PRESTART_TRIES
 
 
 def test_fill_waits_while_a_job_is_starting(pool) -> None:
