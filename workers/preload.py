@@ -11,11 +11,9 @@ import os
 if os.environ.get("MINORDPO_TRAIN_WORKER"):
     import peft  # noqa: F401
     import torch.distributed.tensor  # noqa: F401
-    import transformers.modeling_utils  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import workers.ray_job  # noqa: F401
-    import workers.train_worker  # noqa: F401
+    import workers.ray_job  # noqa: F401  (and with it workers.train_worker)
 elif os.environ.get("MINORDPO_RUN"):
     import workers.ray_job  # noqa: F401
