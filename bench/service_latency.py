@@ -47,9 +47,9 @@ def spec(model: Path, steps: int, workers: int) -> dict[str, Any]:
 
 def busy_cpu_s() -> float:
     """CPU seconds this machine has spent busy since boot, all processes and cores (Linux /proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    from workers.warm_pool import busy_and_total_ticks
+
+    return busy_and_total_ticks()[0] / os.sysconf("SC_CLK_TCK")
 
 
 def wait_quiet(limit_s: float = 240.0, quiet_s: int = 5, busy_below: float = 0.15) -> float:
@@ -118,7 +118,7 @@ def main() -> None:
     env.update(
         MINORDPO_DATABASE_URL=f"sqlite:///{root / 'db.sqlite'}", MINORDPO_ARTIFACTS_DIR=str(root / "artifacts"),
         MINORDPO_ALLOWED_PATHS=os.pathsep.join([str(root), str(SHARED)]), MINORDPO_PORT=str(port),
-        MINORDPO_RAY_STATE_FILE=str(root / "ray-head.json"), MINORDPO_DISPATCH_INTERVAL_S="0.2",
+        MINORDPO_RAY_STATE_FILE=str(root / "ray-head.json"),
         MINORDPO_LOG_LEVEL="INFO", PYTHONPATH=str(REPO),
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

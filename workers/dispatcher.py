@@ -8,6 +8,8 @@ Each `tick()` (about once a second):
 2. dispatch from the head of the queue, oldest first, while `MAX_CONCURRENT_JOBS` and the cluster's
    CPUs allow: a job that can never fit fails at once; one that must wait stays queued (its queue
    position is served by the API) and says so once in its events.
+Between passes it looks at the head of the queue every QUEUE_POLL_S and dispatches a job it has not
+seen yet at once, so a POST does not wait for the next pass (whichever process or host took it).
 The database is the source of truth; the dispatcher holds no state that a restart would lose.
 """
 
@@ -44,6 +46,8 @@ from workers.ray_control import FINISHED, RayJobs
 log = logging.getLogger("workers.dispatcher")
 CANCEL_GRACE_S = 20.0
 """How long a running job may take to stop at a step boundary before its Ray job is stopped by force."""
+QUEUE_POLL_S = 0.1
+"""How often the dispatcher looks for a newly queued job between its full passes (one indexed query)."""
 SUBMIT_PATIENCE_S = 60.0
 """How long Ray may refuse a submission (e.g. its job agent still starting) before the job fails."""
 
@@ -112,6 +116,7 @@ class Dispatcher:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._cancel_seen: dict[str, float] = {}
         self._submit_failures: dict[str, float] = {}
+        self._queue_head: str | None = None
 
     # ----- one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -195,6 +200,15 @@ class Dispatcher:
                     error=JobError("driver_exited", f"the job's driver ended ({status}) without an outcome: {detail}"),
                 )  # fmt: skip
 
+    def _queue_has_a_new_head(self) -> bool:
+        """Whether the oldest queued job is one this dispatcher has not looked at since the last check."""
+        with self.db.read() as s:
+            head = oldest_queued(s, 1)
+        head_id = head[0].id if head else None
+        new = head_id is not None and head_id != self._queue_head
+        self._queue_head = head_id
+        return new
+
     def _dispatch(self) -> None:
         while True:
             with self.db.read() as s:
@@ -244,12 +258,18 @@ class Dispatcher:
 
     # ----- the loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        """Tick until `stop` is set (errors are logged, never fatal)."""
+        """Tick every `interval_s` until `stop` is set, dispatching a newly queued job in between (errors
+        are logged, never fatal)."""
         log.info("dispatcher %s started (max %d concurrent jobs)", self.worker_id, self.max_concurrent)
+        next_tick = 0.0
         while not stop.is_set():
             try:
-                self.tick()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + interval_s
+                    self.tick()
+                elif self._queue_has_a_new_head():
+                    self._dispatch()
             except Exception:  # noqa: BLE001
                 log.exception("dispatcher tick failed")
-            stop.wait(interval_s)
+            stop.wait(min(QUEUE_POLL_S, interval_s))
         log.info("dispatcher %s stopped", self.worker_id)

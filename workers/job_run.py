@@ -19,7 +19,9 @@ import ray
 from core.spec import JobSpec
 from workers.job_channel import JobChannel
 
-DRAIN_INTERVAL_S = 0.2
+DRAIN_WAIT_S = 0.5
+"""The longest one drain of the channel waits for a row (it returns at once when one comes); also how
+long after the fit task ends the driver may take to notice."""
 CANCEL_FILE = "CANCEL"
 """A file of this name in the job's output dir asks the run to stop (checked by rank 0 before each step)."""
 RUN_ENV = {"MINORDPO_RUN": "1"}
@@ -141,10 +143,11 @@ def run_job(
     try:
         done = fit.remote(job_id, spec.model_dump_json(), str(artifacts_dir), channel, allow_remote_code)
         while True:
-            ready, _ = ray.wait([done], timeout=DRAIN_INTERVAL_S)
-            for item in ray.get(channel.drain.remote()):  # after `done` is ready, this drain is the last
+            finished = bool(ray.wait([done], timeout=0)[0])
+            # after `done` is ready, this drain is the last, and takes what is there without waiting
+            for item in ray.get(channel.drain.remote(0.0 if finished else DRAIN_WAIT_S)):
                 forward(item)
-            if ready:
+            if finished:
                 break
         summary = ray.get(done)
     finally:

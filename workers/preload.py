@@ -4,8 +4,13 @@ A Train worker (TRAIN_WORKER_MARKER in its environment) gets the whole training 
 transformers imports on first use (seconds on a small machine); the task that runs fit() and the Train
 controller with its helper actors (RUN_ENV) get Ray Train, torch and our trainer; any other process
 (the Jobs API's supervisor, our channel) gets nothing, as before. See workers/warm_pool.py.
+
+Then the imported objects are moved out of the garbage collector's sight (`gc.freeze`): they live as
+long as the process, and without this a full collection walks all of them: loading the GPT-2 tokenizer
+in such a process took 0.37 s instead of 0.12 s every second time, for a collection.
 """
 
+import gc
 import os
 
 if os.environ.get("MINORDPO_TRAIN_WORKER"):
@@ -17,3 +22,7 @@ if os.environ.get("MINORDPO_TRAIN_WORKER"):
     import workers.ray_job  # noqa: F401  (and with it workers.train_worker)
 elif os.environ.get("MINORDPO_RUN"):
     import workers.ray_job  # noqa: F401
+
+if os.environ.get("MINORDPO_TRAIN_WORKER") or os.environ.get("MINORDPO_RUN"):
+    gc.collect()
+    gc.freeze()

@@ -21,7 +21,7 @@ from workers.ray_control import (
     start_local_head,
     stop_local_head,
 )
-from workers.warm_pool import WarmPool, job_pool_kinds
+from workers.warm_pool import WarmPool, idle_cores, job_pool_kinds, should_hold
 from workers.webhooks import WebhookSender
 
 log = logging.getLogger("workers.service")
@@ -111,7 +111,7 @@ class DispatcherService:
         self.warm_pool = WarmPool(head.node_manager_port, kinds)
         self._pool_thread = threading.Thread(
             target=self.warm_pool.run,
-            args=(self._stop, 1.0, self._a_job_is_starting),
+            args=(self._stop, 1.0, self._pool_should_wait),
             name="warm-pool",
             daemon=True,
         )
@@ -141,11 +141,12 @@ class DispatcherService:
         )
         self._webhook_thread.start()
 
-    def _a_job_is_starting(self) -> bool:
-        """Whether a running job has not reported its first step yet: the pool waits for it, since a warm
-        process imports for seconds and on a small machine that CPU would come out of the start."""
+    def _pool_should_wait(self) -> bool:
+        """Whether the warm pool holds its refill now (workers.warm_pool.should_hold: a job starting, or
+        jobs running on a machine with no idle core)."""
         with self.db.read() as s:
-            return any(job.step == 0 for job in active_jobs(s))
+            steps = [job.step for job in active_jobs(s)]
+        return should_hold(steps, idle_cores)
 
     def stop(self) -> None:
         """Stop the loop; stop our local head too when configured (running jobs resume from checkpoints later)."""

@@ -134,6 +134,17 @@ def make_should_stop(rank: int, cancel_file: Path, collectives: _Collectives) ->
     return should_stop
 
 
+def limit_cpu_threads(cpus_per_worker: float) -> int:
+    """Give torch as many intra-op threads as the CPUs reserved for this rank (at least one); returns it.
+
+    Ray sets OMP_NUM_THREADS in a worker when its first task runs, but a warm process (workers/preload.py)
+    imported torch before that, with one thread per core: two ranks on 2 cores then ran four threads.
+    """
+    threads = max(1, int(cpus_per_worker))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _device(use_gpu: bool) -> torch.device:
     if use_gpu:
         import ray.train.torch
@@ -199,6 +210,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         should_stop=make_should_stop(rank, output_dir / CANCEL_FILE, collectives),
     )
     reporter = RayReporter(rank, channel)
+    threads = limit_cpu_threads(spec.resources.cpus_per_worker)
+    reporter.event(
+        "workers",
+        f"{world_size} rank(s) on {options.device.type}, {threads} CPU thread(s) each",
+        {"world_size": world_size, "device": options.device.type, "cpu_threads": threads},
+    )
     checkpoint = ray.train.get_checkpoint()
     try:
         if checkpoint is None:

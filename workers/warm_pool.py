@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +43,10 @@ APPEAR_TIMEOUT_S = 5.0
 """How long a requested process may take to show up before the request is sent again: the raylet drops
 a prestart request, silently, when `maximum_startup_concurrency` (its CPU count) processes are starting."""
 PRESTART_TRIES = 3
+IDLE_CORES_TO_REFILL = 1.0
+"""While jobs run, the pool starts a process only when this machine left at least this many cores idle:
+a starting process imports for seconds on one core, and on a machine the jobs keep busy that core
+would come out of their steps (on 2 vCPUs, a refill beside a 2-worker job made its steps 5x slower)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,32 @@ def raylet_pid(node_manager_port: int) -> int | None:
 def _starting_or_idle(title: str) -> bool:
     """A worker process still importing (its command line) or idle (the title Ray gives it once registered)."""
     return title == "ray::IDLE" or "default_worker.py" in title
+
+
+def busy_and_total_ticks() -> tuple[int, int]:
+    """This machine's busy and total CPU time since boot, in clock ticks, all cores (Linux /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def idle_cores(window_s: float = 0.5) -> float:
+    """How many of this machine's cores stayed idle, on average, over the next `window_s` seconds."""
+    busy0, total0 = busy_and_total_ticks()
+    time.sleep(window_s)
+    busy1, total1 = busy_and_total_ticks()
+    if total1 <= total0:
+        return float(os.cpu_count() or 1)
+    return (1.0 - (busy1 - busy0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def should_hold(running_job_steps: list[int], idle: Callable[[], float]) -> bool:
+    """Whether the pool waits: while a job is between its POST and its first step (the CPU a starting
+    process takes would come out of that start), and while jobs run on a machine with less than
+    IDLE_CORES_TO_REFILL cores idle (it would come out of their steps). `idle` is asked only then."""
+    if any(step == 0 for step in running_job_steps):
+        return True
+    return bool(running_job_steps) and idle() < IDLE_CORES_TO_REFILL
 
 
 def classify(environ: Mapping[str, str], kinds: list[PoolKind]) -> str | None:

@@ -95,6 +95,28 @@ def test_two_worker_job_succeeds_and_forwards_each_step_once(local_ray, job_spec
     assert wait_for_cpus(2) == 2
 
 
+def test_the_channel_hands_a_row_over_as_soon_as_it_comes(local_ray) -> None:
+    """A drain waiting for rows returns when one is put, not at the end of its wait (the live-metrics path)."""
+    import ray
+
+    from workers.job_channel import JobChannel
+
+    channel = JobChannel.remote()
+    try:
+        assert ray.get(channel.drain.remote(0.0)) == []
+        waiting = channel.drain.remote(30.0)
+        time.sleep(0.3)
+        put_at = time.monotonic()
+        ray.get(channel.put.remote({"type": "metrics", "step": 1}))
+        assert ray.get(waiting, timeout=10) == [{"type": "metrics", "step": 1}]
+        assert time.monotonic() - put_at < 2.0
+        started = time.monotonic()
+        assert ray.get(channel.drain.remote(0.3)) == []  # nothing came: empty after its wait
+        assert time.monotonic() - started >= 0.3
+    finally:
+        ray.kill(channel)
+
+
 def test_a_run_starts_only_the_actors_it_needs(local_ray, job_spec, tmp_path: Path) -> None:
     """No Ray Data manager (the loop reads its own data) and no preemption watcher on a one-node cluster.
 

@@ -97,6 +97,11 @@ def test_a_job_takes_its_processes_from_the_warm_pool(server, tiny_model_dir, le
     assert len(workers) == 2 and len(run) >= 2, titles
     assert workers | run <= warm, f"started cold: {sorted((workers | run) - warm)} of {titles}"
     assert any("JobSupervisor" in titles[pid] for pid in warm & titles.keys()), titles
+    # a warm process imported torch with a thread per core; each rank still runs as many as its CPUs
+    events = httpx.get(
+        f"{server.url}/v1/jobs/{job_id}/events", headers={"Accept": "application/json"}, timeout=10
+    ).json()["data"]
+    assert [e["data"]["cpu_threads"] for e in events if e["kind"] == "workers"] == [1], events
 
 
 def test_second_job_waits_in_queue_then_runs(server, tiny_model_dir, learnable_pairs_file):

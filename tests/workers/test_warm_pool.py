@@ -6,6 +6,7 @@ That a real job takes its processes from the pool is checked end to end in test_
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -114,6 +115,41 @@ def test_fill_waits_while_a_job_is_starting(pool) -> None:
     pool, raylet = pool
     assert pool.fill(hold=lambda: True) == 0
     assert raylet.started == []
+
+
+def test_the_pool_holds_for_a_starting_job_and_for_busy_cores() -> None:
+    asked: list[bool] = []
+
+    def idle(cores: float):
+        def measure() -> float:
+            asked.append(True)
+            return cores
+
+        return measure
+
+    assert warm_pool.should_hold([], idle(0.0)) is False  # no job: refill whatever the load
+    assert asked == []  # ... without measuring it
+    assert warm_pool.should_hold([0, 7], idle(2.0)) is True  # a job before its first step
+    assert warm_pool.should_hold([7], idle(0.4)) is True  # jobs keep the cores busy: their steps come first
+    assert warm_pool.should_hold([7], idle(1.5)) is False  # a spare core (a GPU node's CPUs, say)
+
+
+def test_idle_cores_sees_a_busy_machine() -> None:
+    """Every core spinning in a child process: the measure says less than one core is idle."""
+    import os
+    import subprocess
+    import sys
+
+    cores = os.cpu_count() or 1
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)
+        assert warm_pool.idle_cores(0.5) < warm_pool.IDLE_CORES_TO_REFILL
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.wait()
+    assert 0.0 <= warm_pool.idle_cores(0.2) <= cores
 
 
 def test_the_driver_imports_no_torch() -> None:

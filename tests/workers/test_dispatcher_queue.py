@@ -1,0 +1,88 @@
+"""The dispatcher picks up a newly queued job between its full passes, without Ray (a recording fake)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from core.store import Database, create_job, get_job, list_events, upgrade
+from workers.dispatcher import QUEUE_POLL_S, Dispatcher, DriverEnv
+
+
+class RecordingRayJobs:
+    """Stands in for workers.ray_control.RayJobs: remembers submissions; what it took is RUNNING."""
+
+    def __init__(self) -> None:
+        self.submitted: dict[str, float] = {}
+        self.status_calls = 0
+
+    def submit(self, submission_id: str, entrypoint: list[str]) -> None:
+        self.submitted[submission_id] = time.monotonic()
+
+    def status(self, submission_id: str) -> str | None:
+        self.status_calls += 1
+        return "RUNNING" if submission_id in self.submitted else None
+
+
+def spec(workers: int = 2) -> dict:
+    return {
+        "name": "q",
+        "model": "m",
+        "dataset": {"train": "d.jsonl"},
+        "resources": {"num_workers": workers, "cpus_per_worker": 1},
+    }
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    database = Database(url)
+    yield database
+    database.dispose()
+
+
+def queue(db: Database, workers: int = 2) -> str:
+    with db.write() as s:
+        job, _ = create_job(s, project="p", spec=spec(workers))
+        return job.id
+
+
+def test_a_posted_job_is_submitted_before_the_next_full_pass(db: Database, tmp_path: Path) -> None:
+    ray_jobs = RecordingRayJobs()
+    dispatcher = Dispatcher(
+        db,
+        ray_jobs,  # type: ignore[arg-type]
+        capacity_cpus=lambda: 2.0,
+        max_concurrent=2,
+        driver_env=DriverEnv("sqlite://", tmp_path / "artifacts", False),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=dispatcher.run, args=(stop, 60.0), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)  # the first full pass is over; the next is a minute away
+        first = queue(db)
+        queued_at = time.monotonic()
+        deadline = queued_at + 5
+        while first not in ray_jobs.submitted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert first in ray_jobs.submitted, "the job waited for the next full pass"
+        assert ray_jobs.submitted[first] - queued_at < 1.0 + 10 * QUEUE_POLL_S
+
+        # a job that must wait for CPUs is looked at once, says so once, and is not claimed
+        second = queue(db)
+        time.sleep(20 * QUEUE_POLL_S)
+        with db.read() as s:
+            job = get_job(s, second)
+            assert job is not None and job.status == "queued"
+            waiting = [e for e in list_events(s, second) if e.kind == "waiting"]
+        assert len(waiting) == 1 and "2 free CPUs (0 free now)" in waiting[0].message
+        assert second not in ray_jobs.submitted
+        assert ray_jobs.status_calls <= 1  # running jobs are reconciled with Ray only on full passes
+    finally:
+        stop.set()
+        thread.join(5)
