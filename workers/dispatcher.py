@@ -261,15 +261,16 @@ class Dispatcher:
         """Tick every `interval_s` until `stop` is set, dispatching a newly queued job in between (errors
         are logged, never fatal)."""
         log.info("dispatcher %s started (max %d concurrent jobs)", self.worker_id, self.max_concurrent)
-        next_tick = 0.0
+        next_tick, look_between = 0.0, True
         while not stop.is_set():
             try:
                 if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + interval_s
+                    next_tick, look_between = time.monotonic() + interval_s, True
                     self.tick()
-                elif self._queue_has_a_new_head():
+                elif look_between and self._queue_has_a_new_head():
                     self._dispatch()
             except Exception:  # noqa: BLE001
-                log.exception("dispatcher tick failed")
+                look_between = False  # a failing database is tried again at the next pass, not every 0.1 s
+                log.exception("dispatcher pass failed")
             stop.wait(min(QUEUE_POLL_S, interval_s))
         log.info("dispatcher %s stopped", self.worker_id)

@@ -86,3 +86,26 @@ def test_a_posted_job_is_submitted_before_the_next_full_pass(db: Database, tmp_p
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_an_unreachable_database_is_retried_each_pass_not_each_poll(tmp_path: Path, caplog) -> None:
+    class Unreachable:
+        def read(self):
+            raise ConnectionError("database is down")
+
+    dispatcher = Dispatcher(
+        Unreachable(),  # type: ignore[arg-type]
+        RecordingRayJobs(),  # type: ignore[arg-type]
+        capacity_cpus=lambda: 2.0,
+        max_concurrent=2,
+        driver_env=DriverEnv("sqlite://", tmp_path / "artifacts", False),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=dispatcher.run, args=(stop, 0.5), daemon=True)
+    with caplog.at_level("ERROR", logger="workers.dispatcher"):
+        thread.start()
+        time.sleep(1.2)
+        stop.set()
+        thread.join(5)
+    failures = [r for r in caplog.records if "dispatcher pass failed" in r.getMessage()]
+    assert 2 <= len(failures) <= 4  # once per 0.5 s pass, not once per 0.1 s poll
