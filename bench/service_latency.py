@@ -2,7 +2,8 @@
 
 Starts `minordpo serve` (its own local Ray head), submits one warm-up job so the reference cache is
 warm, then times N jobs, each posted once the machine has been quiet for 5 s (the warm pool full):
-POST to the first stored metric point, and the median step time from the stored points. The same spec then runs in this process (one worker) for the baseline.
+POST to the first stored metric point, and the median step time from the stored points. The same
+spec then runs in this process (one worker) for the baseline.
 Prints `post_to_first_step_s: X` and `ray_step_over_inprocess: Y`, and, in the JSON, the machine's busy
 CPU seconds from the POST to the first step (the work that start-up costs, whatever the waits).
 """
@@ -56,13 +57,13 @@ def wait_quiet(limit_s: float = 240.0, quiet_s: int = 5, busy_below: float = 0.1
     """Wait until the machine's CPUs have been mostly idle for `quiet_s` seconds in a row (the last job's
     processes gone, the server's warm pool refilled: it starts once no job runs, and each process it
     starts imports for seconds); returns the seconds waited. Every timed job starts on a warm, quiet cluster."""
+    from workers.warm_pool import idle_cores
+
     start = time.time()
     cores = os.cpu_count() or 1
     quiet = 0
     while time.time() - start < limit_s and quiet < quiet_s:
-        before = busy_cpu_s()
-        time.sleep(1.0)
-        quiet = quiet + 1 if (busy_cpu_s() - before) / cores < busy_below else 0
+        quiet = quiet + 1 if 1.0 - idle_cores(1.0) / cores < busy_below else 0
     return time.time() - start
 
 

@@ -1,10 +1,9 @@
 """The driver of one training job on the cluster: `python -m workers.entrypoint JOB_ID --env-file F`, run by Ray Jobs.
 
 It reads the job from the database, runs it with Ray Train (workers.job_run; the driver imports no
-torch), and is the single
-writer of the job's metric points, events, checkpoints and final status. Metric rows are written as
-they arrive (idempotently: a step re-reported after a worker-group restart is not stored twice).
-A cancel requested in the database is passed to the run as a cooperative stop.
+torch), and is the single writer of the job's metric points, events, checkpoints and final status.
+Metric rows are written as they arrive (idempotently: a step re-reported after a worker-group restart
+is not stored twice). A cancel requested in the database is passed to the run as a cooperative stop.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 log = logging.getLogger("workers.warm_pool")
@@ -57,7 +58,7 @@ class PoolKind:
     serialized_runtime_env: str | None
     target: int
 
-    @property
+    @cached_property
     def env_vars(self) -> dict[str, str]:
         if self.serialized_runtime_env is None:
             return {}
@@ -108,7 +109,7 @@ def _compact(runtime_env: dict[str, object]) -> str:
     return json.dumps(runtime_env, sort_keys=True, separators=(",", ":"))
 
 
-def _children(pid: int) -> dict[int, tuple[str, dict[str, str]]]:
+def child_processes(pid: int) -> dict[int, tuple[str, dict[str, str]]]:
     """Direct children of `pid`: their process titles and environments (Linux /proc)."""
     out: dict[int, tuple[str, dict[str, str]]] = {}
     for entry in Path("/proc").iterdir():
@@ -232,7 +233,7 @@ class WarmPool:
     def counts(self) -> dict[str, int]:
         """Warm processes of each kind that no actor has taken yet (starting or idle)."""
         counts = {kind.name: 0 for kind in self.kinds}
-        for title, environ in _children(self.raylet_pid).values():
+        for title, environ in child_processes(self.raylet_pid).values():
             name = classify(environ, self.kinds) if _starting_or_idle(title) else None
             if name is not None:
                 counts[name] += 1
@@ -265,7 +266,9 @@ class WarmPool:
         for _ in range(PRESTART_TRIES):
             self._await(
                 lambda: (
-                    not any("default_worker.py" in title for title, _ in _children(self.raylet_pid).values())
+                    not any(
+                        "default_worker.py" in title for title, _ in child_processes(self.raylet_pid).values()
+                    )
                 )
             )
             self._prestart(kind)

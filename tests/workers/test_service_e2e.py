@@ -17,7 +17,7 @@ import pytest
 
 from tests.serving import pid_alive
 from tests.workers.service_helpers import TERMINAL, Server, get, job_body, metric_steps, submit, wait_for
-from workers.warm_pool import _children, raylet_pid
+from workers.warm_pool import child_processes, raylet_pid
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -66,7 +66,7 @@ def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_fil
 
 def _idle_and_busy(raylet: int) -> tuple[set[int], dict[int, tuple[str, dict[str, str]]]]:
     """The raylet's idle worker processes, and the others that run something (title, environment)."""
-    children = _children(raylet)
+    children = child_processes(raylet)
     idle = {pid for pid, (title, _) in children.items() if title == "ray::IDLE"}
     busy = {pid: child for pid, child in children.items() if child[0].startswith("ray::") and pid not in idle}
     return idle, busy

@@ -1,7 +1,12 @@
-"""The dispatcher picks up a newly queued job between its full passes, without Ray (a recording fake)."""
+"""The dispatcher and the driver it starts, without Ray: a newly queued job picked up between full passes
+(a recording fake for Ray), an unreachable database, the driver's settings file and its imports."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -109,3 +114,21 @@ def test_an_unreachable_database_is_retried_each_pass_not_each_poll(tmp_path: Pa
         thread.join(5)
     failures = [r for r in caplog.records if "dispatcher pass failed" in r.getMessage()]
     assert 2 <= len(failures) <= 4  # once per 0.5 s pass, not once per 0.1 s poll
+
+
+def test_the_driver_imports_no_torch() -> None:
+    """The driver is a fresh process per job that no pool can serve: it must stay light (README's claim)."""
+    probe = "import sys, workers.entrypoint, workers.job_run; print(sorted(m for m in ('torch', 'transformers', 'ray.train') if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_driver_settings_file_is_private_and_complete(tmp_path) -> None:
+    env = DriverEnv("postgresql+psycopg://u:secret@db/x", tmp_path / "artifacts", False)
+    path = env.write()
+    assert path == tmp_path / "artifacts" / "driver-env.json"
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text()) == env.as_env()
+    assert [p.name for p in path.parent.iterdir()] == ["driver-env.json"]  # no temporary file left
