@@ -9,7 +9,9 @@ it. A clean shutdown sends SIGTERM, and `--block` makes Ray stop every process i
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import secrets
 import signal
 import socket
@@ -19,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("workers.ray_control")
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # our clients send the cluster token; the head enforces it
 
@@ -38,6 +42,13 @@ RAY_WORKER_ENV = {
 # since draining the only node ends the cluster. A cluster joined through RAY_ADDRESS keeps it.
 SINGLE_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 FINISHED = {"SUCCEEDED", "FAILED", "STOPPED"}
+HEAD_START_ATTEMPTS = 3  # a `ray start` that exits early is retried on new ports (a port taken in between)
+RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port: its workers bind 10002-19999
+HEAD_LISTENERS = (
+    # each on a port of its own, so this head coexists with other Ray clusters on the machine
+    "port", "dashboard-port", "node-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port", "object-manager-port",
+)  # fmt: skip
 
 
 class RayUnavailableError(RuntimeError):
@@ -79,21 +90,66 @@ def local_head_environment(preload: bool) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; the usual default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii").split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
-def jobs_api_reachable(dashboard_url: str) -> bool:
-    """Whether the Ray Jobs API answers at `dashboard_url` (the client sends Ray's auth token)."""
-    from ray.job_submission import JobSubmissionClient
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))  # every interface: a listener on any address makes the port unusable
+        except OSError:
+            return False
+    return True
+
+
+def listen_ports(count: int) -> list[int]:
+    """`count` distinct ports free now, above Ray's worker ports and below the kernel's ephemeral range.
+
+    Not bind(0): that hands out an ephemeral port, which any outgoing connection on the machine may take
+    as its local port in the seconds between our pick and Ray's bind.
+    """
+    low, high = RAY_WORKER_PORTS_END + 1, _ephemeral_port_range()[0] - 1
+    ports: list[int] = []
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        if len(ports) == count:
+            return ports
+        port = rng.randint(low, high) if high - low > 100 * count else 0
+        if port == 0:  # an unusual ephemeral range leaves no room below it: take the kernel's pick
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = int(probe.getsockname()[1])
+        if port not in ports and _bindable(port):
+            ports.append(port)
+    raise RayUnavailableError(f"found only {len(ports)} of {count} free ports for the local Ray head")
+
+
+def jobs_api_reachable(dashboard_url: str, timeout_s: float = 5.0) -> bool:
+    """Whether the Ray Jobs API answers its version call at `dashboard_url` within `timeout_s`.
+
+    With Ray's auth headers, as `JobSubmissionClient` sends them, but bounded: that client sets no
+    timeout, so a dashboard that accepts connections and never answers would hang /readyz forever.
+    """
+    import requests
+    from ray._private.authentication.http_token_authentication import (
+        get_auth_headers_if_auth_enabled,
+    )  # Ray 2.60
 
     try:
-        JobSubmissionClient(dashboard_url)
-    except Exception:  # noqa: BLE001 - refused, timed out, not yet serving, auth not ready: all "not reachable"
+        answer = requests.get(
+            f"{dashboard_url.rstrip('/')}/api/version",
+            headers=get_auth_headers_if_auth_enabled({}),
+            timeout=timeout_s,
+        )
+        return answer.status_code == 200 and "ray_version" in answer.json()
+    except Exception:  # noqa: BLE001 - refused, timed out, not JSON, no token here: all "not reachable"
         return False
-    return True
 
 
 def ensure_auth_token(folder: Path) -> None:
@@ -126,49 +182,86 @@ def reload_auth_token() -> None:
 
 
 def start_local_head(
-    state_file: Path, *, num_cpus: int | None = None, preload: bool = True, timeout_s: float = 180.0
+    state_file: Path,
+    *,
+    num_cpus: int | None = None,
+    preload: bool = True,
+    timeout_s: float = 180.0,
+    attempts: int = HEAD_START_ATTEMPTS,
 ) -> LocalHead:
-    """Reuse the head recorded in `state_file` if it still answers, else start one and record it."""
+    """Reuse the head recorded in `state_file` if it still answers, else start one and record it.
+
+    A `ray start` that exits before its Jobs API answers is tried again on new ports, `attempts` times
+    in all; the error then quotes what Ray printed last (its whole output is in `<state_file>.log`).
+    """
     ensure_auth_token(state_file.parent)
     if state_file.exists():
         head = LocalHead(**json.loads(state_file.read_text(encoding="utf-8")))
         if head.alive():
             return head
     cpus = num_cpus or os.cpu_count() or 1
-    gcs_port, dash_port, raylet_port = _free_port(), _free_port(), _free_port()
     log_path = state_file.with_suffix(".log")
     state_file.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    for attempt in range(1, attempts + 1):
+        printed_before = log_path.stat().st_size if log_path.exists() else 0
+        head, proc = _spawn_head(cpus, preload, log_path)
+        while proc.poll() is None:
+            if jobs_api_reachable(head.dashboard_url):
+                state_file.write_text(json.dumps(asdict(head)), encoding="utf-8")
+                return head
+            if time.monotonic() > deadline:
+                stop_local_head(head, state_file)
+                raise RayUnavailableError(
+                    f"local Ray head did not answer within {timeout_s:.0f}s; see {log_path}"
+                )
+            time.sleep(0.5)
+        said = _printed_since(log_path, printed_before)
+        log.warning(
+            "`ray start` exited with %s (attempt %d of %d); it said: %s",
+            proc.returncode,
+            attempt,
+            attempts,
+            said,
+        )
+    raise RayUnavailableError(
+        f"`ray start` exited with {proc.returncode} ({attempts} attempts); it said:\n{said}\n(all of it: {log_path})"
+    )
+
+
+def _spawn_head(cpus: int, preload: bool, log_path: Path) -> tuple[LocalHead, subprocess.Popen[bytes]]:
+    """Launch `ray start --head --block` on fresh loopback ports, its output appended to `log_path`."""
+    ports = dict(zip(HEAD_LISTENERS, listen_ports(len(HEAD_LISTENERS)), strict=True))
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [
         ray_bin, "start", "--head", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
-        f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        "--include-dashboard=true", "--disable-usage-stats", f"--node-manager-port={raylet_port}",
-        # every other listener on a free port too, so this head coexists with other Ray clusters on the machine
-        *(f"--{name}={_free_port()}" for name in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-            "metrics-export-port", "ray-client-server-port", "object-manager-port",
-        )),
+        "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
+        *(f"--{name}={port}" for name, port in ports.items()),
     ]  # fmt: skip
-    env = local_head_environment(preload)
-    with log_path.open("ab") as log:
+    with log_path.open("ab") as output:
         proc = subprocess.Popen(
             cmd,
-            stdout=log,
+            stdout=output,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=local_head_environment(preload),
             start_new_session=True,
         )
-    head = LocalHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", proc.pid, cpus, raylet_port)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RayUnavailableError(f"`ray start` exited with {proc.returncode}; see {log_path}")
-        if jobs_api_reachable(head.dashboard_url):
-            state_file.write_text(json.dumps(asdict(head)), encoding="utf-8")
-            return head
-        time.sleep(0.5)
-    stop_local_head(head, state_file)
-    raise RayUnavailableError(f"local Ray head did not answer within {timeout_s:.0f}s; see {log_path}")
+    head = LocalHead(
+        f"127.0.0.1:{ports['port']}",
+        f"http://127.0.0.1:{ports['dashboard-port']}",
+        proc.pid,
+        cpus,
+        ports["node-manager-port"],
+    )
+    return head, proc
+
+
+def _printed_since(log_path: Path, offset: int, lines: int = 6) -> str:
+    """The last `lines` non-blank lines `log_path` gained after `offset`."""
+    with log_path.open("rb") as output:
+        output.seek(offset)
+        text = output.read().decode("utf-8", errors="replace")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
 def stop_local_head(head: LocalHead, state_file: Path | None = None, timeout_s: float = 30.0) -> None:
