@@ -151,7 +151,7 @@ def start_dispatcher(settings: Settings, application: Any = None) -> Any:
     try:
         service.connect()
     except RayUnavailableError as exc:
-        typer.echo(f"minordpo: cannot start Ray: {exc}", err=True)
+        typer.echo(f"minordpo: no Ray to run jobs on: {exc}", err=True)
         raise typer.Exit(2) from exc
     if application is not None:
         application.state.readiness_checks["ray"] = service.ready

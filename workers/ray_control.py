@@ -42,6 +42,7 @@ RAY_WORKER_ENV = {
 # since draining the only node ends the cluster. A cluster joined through RAY_ADDRESS keeps it.
 SINGLE_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 FINISHED = {"SUCCEEDED", "FAILED", "STOPPED"}
+JOBS_API_TIMEOUT_S = 60.0  # one call of the Jobs API (a submit included) on a busy cluster
 HEAD_START_ATTEMPTS = 3  # a `ray start` that exits early is retried on new ports (a port taken in between)
 RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port: its workers bind 10002-19999
 HEAD_LISTENERS = (
@@ -131,25 +132,28 @@ def listen_ports(count: int) -> list[int]:
 
 
 def jobs_api_reachable(dashboard_url: str, timeout_s: float = 5.0) -> bool:
-    """Whether the Ray Jobs API answers its version call at `dashboard_url` within `timeout_s`.
-
-    With Ray's auth headers, as `JobSubmissionClient` sends them, but bounded: that client sets no
-    timeout, so a dashboard that accepts connections and never answers would hang /readyz forever.
-    """
-    import requests
-    from ray._private.authentication.http_token_authentication import (
-        get_auth_headers_if_auth_enabled,
-    )  # Ray 2.60
-
+    """Whether the Ray Jobs API at `dashboard_url` answers, with Ray's auth token, within `timeout_s` a call."""
     try:
-        answer = requests.get(
-            f"{dashboard_url.rstrip('/')}/api/version",
-            headers=get_auth_headers_if_auth_enabled({}),
-            timeout=timeout_s,
-        )
-        return answer.status_code == 200 and "ray_version" in answer.json()
-    except Exception:  # noqa: BLE001 - refused, timed out, not JSON, no token here: all "not reachable"
+        _jobs_client(dashboard_url, timeout_s)
+    except Exception:  # noqa: BLE001 - refused, timed out, not yet serving, auth not ready: all "not reachable"
         return False
+    return True
+
+
+def _jobs_client(address: str, timeout_s: float) -> Any:
+    """Ray's `JobSubmissionClient` (it checks the connection as it is made), with a timeout on every call.
+
+    Ray's client sets none: a dashboard that accepts connections and never answers would hang the
+    dispatcher and /readyz for good. Ray 2.60's client makes every request through `_do_request`.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    class BoundedJobSubmissionClient(JobSubmissionClient):
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", timeout_s)
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return BoundedJobSubmissionClient(address)
 
 
 def ensure_auth_token(folder: Path) -> None:
@@ -286,11 +290,12 @@ def stop_local_head(head: LocalHead, state_file: Path | None = None, timeout_s: 
 class RayJobs:
     """The Ray Jobs API: submit, observe and stop driver processes on the cluster."""
 
-    def __init__(self, address: str) -> None:
-        from ray.job_submission import JobSubmissionClient
-
+    def __init__(self, address: str, timeout_s: float = JOBS_API_TIMEOUT_S) -> None:
         self.address = address
-        self._client = JobSubmissionClient(address)
+        try:
+            self._client = _jobs_client(address, timeout_s)
+        except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, AuthenticationError, timeouts...
+            raise RayUnavailableError(f"cannot reach Ray's Jobs API at {address}: {exc}") from exc
 
     def submit(self, submission_id: str, entrypoint: list[str]) -> None:
         """Start `entrypoint` as a Ray job named `submission_id` (it asks for no CPU of its own).

@@ -215,3 +215,20 @@ def test_dispatcher_refuses_an_out_of_date_schema(tmp_path: Path, monkeypatch: p
     get_settings.cache_clear()
     result = CliRunner().invoke(app, ["dispatcher"])
     assert result.exit_code == 2 and "minordpo db upgrade" in result.output
+
+
+def test_dispatcher_names_a_ray_address_it_cannot_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MINORDPO_DATABASE_URL", f"sqlite:///{tmp_path / 'jobs.db'}")
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", closed)
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    assert CliRunner().invoke(app, ["db", "upgrade"]).exit_code == 0
+    get_settings.cache_clear()  # later tests must not see this test's settings
+    result = CliRunner().invoke(app, ["dispatcher"])
+    assert result.exit_code == 2, result.output
+    assert f"no Ray to run jobs on: cannot reach Ray's Jobs API at {closed}" in result.output
+    assert "Traceback" not in result.output

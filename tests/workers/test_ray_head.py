@@ -13,6 +13,7 @@ import pytest
 from workers import ray_control
 from workers.ray_control import (
     RAY_WORKER_PORTS_END,
+    RayJobs,
     RayUnavailableError,
     jobs_api_reachable,
     listen_ports,
@@ -33,13 +34,16 @@ def test_head_ports_are_distinct_free_and_outside_the_ranges_others_take_ports_f
             probe.bind(("127.0.0.1", port))
 
 
-def test_the_jobs_api_probe_gives_up_on_a_server_that_never_answers() -> None:
+def test_a_jobs_api_that_never_answers_is_unreachable_not_a_hang() -> None:
     with socket.socket() as silent:  # accepts connections (the backlog) and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
-        assert not jobs_api_reachable(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.5)
-        assert time.monotonic() - started < 5
+        assert not jobs_api_reachable(url, timeout_s=0.5)  # what /readyz and the head's start loop ask
+        with pytest.raises(RayUnavailableError, match=f"cannot reach Ray's Jobs API at {url}"):
+            RayJobs(url, timeout_s=0.5)  # what the dispatcher submits and watches through
+        assert time.monotonic() - started < 10
 
 
 @pytest.fixture
