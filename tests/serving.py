@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -31,10 +30,11 @@ def api_only_env(database_url: str, root: Path, tokens: str, port: int, **extra:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that nothing listens on right now, from outside the kernel's ephemeral range: a server
+    started seconds later still finds it free (an outgoing connection could take an ephemeral one)."""
+    from workers.ports import listen_ports
+
+    return listen_ports(1)[0]
 
 
 def wait_until_up(

@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from workers.ports import listen_ports
 
 log = logging.getLogger("workers.ray_control")
 
@@ -44,7 +44,6 @@ SINGLE_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 FINISHED = {"SUCCEEDED", "FAILED", "STOPPED"}
 JOBS_API_TIMEOUT_S = 60.0  # one call of the Jobs API (a submit included) on a busy cluster
 HEAD_START_ATTEMPTS = 3  # a `ray start` that exits early is retried on new ports (a port taken in between)
-RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port: its workers bind 10002-19999
 HEAD_LISTENERS = (
     # each on a port of its own, so this head coexists with other Ray clusters on the machine
     "port", "dashboard-port", "node-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -89,46 +88,6 @@ def local_head_environment(preload: bool) -> dict[str, str]:
     if preload:
         env.setdefault("RAY_preload_python_modules", "workers.preload")
     return env
-
-
-def _ephemeral_port_range() -> tuple[int, int]:
-    """The kernel's range for the local ports of outgoing connections (Linux; the usual default elsewhere)."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii").split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("", port))  # every interface: a listener on any address makes the port unusable
-        except OSError:
-            return False
-    return True
-
-
-def listen_ports(count: int) -> list[int]:
-    """`count` distinct ports free now, above Ray's worker ports and below the kernel's ephemeral range.
-
-    Not bind(0): that hands out an ephemeral port, which any outgoing connection on the machine may take
-    as its local port in the seconds between our pick and Ray's bind.
-    """
-    low, high = RAY_WORKER_PORTS_END + 1, _ephemeral_port_range()[0] - 1
-    ports: list[int] = []
-    rng = random.SystemRandom()
-    for _ in range(1000):
-        if len(ports) == count:
-            return ports
-        port = rng.randint(low, high) if high - low > 100 * count else 0
-        if port == 0:  # an unusual ephemeral range leaves no room below it: take the kernel's pick
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = int(probe.getsockname()[1])
-        if port not in ports and _bindable(port):
-            ports.append(port)
-    raise RayUnavailableError(f"found only {len(ports)} of {count} free ports for the local Ray head")
 
 
 def jobs_api_reachable(dashboard_url: str, timeout_s: float = 5.0) -> bool:

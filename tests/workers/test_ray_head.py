@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from workers import ray_control
+from workers.ports import RAY_WORKER_PORTS_END, ephemeral_port_range, listen_ports
 from workers.ray_control import (
-    RAY_WORKER_PORTS_END,
     RayJobs,
     RayUnavailableError,
     jobs_api_reachable,
-    listen_ports,
     reload_auth_token,
     start_local_head,
     stop_local_head,
@@ -24,7 +23,7 @@ from workers.ray_control import (
 
 
 def test_head_ports_are_distinct_free_and_outside_the_ranges_others_take_ports_from() -> None:
-    ephemeral_low, _ = ray_control._ephemeral_port_range()
+    ephemeral_low, _ = ephemeral_port_range()
     ports = listen_ports(len(ray_control.HEAD_LISTENERS))
     assert len(set(ports)) == len(ray_control.HEAD_LISTENERS)
     # an outgoing connection takes its local port from the ephemeral range; Ray's workers bind 10002-19999
