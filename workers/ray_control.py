@@ -91,7 +91,7 @@ def local_head_environment(preload: bool) -> dict[str, str]:
 
 
 def jobs_api_reachable(dashboard_url: str, timeout_s: float = 5.0) -> bool:
-    """Whether the Ray Jobs API at `dashboard_url` answers, with Ray's auth token, within `timeout_s` a call."""
+    """Whether the Ray Jobs API at `dashboard_url` answers (with Ray's auth token; each call given `timeout_s`)."""
     try:
         _jobs_client(dashboard_url, timeout_s)
     except Exception:  # noqa: BLE001 - refused, timed out, not yet serving, auth not ready: all "not reachable"
