@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from core.store import (
     upgrade,
 )
 from core.store.ids import new_job_id
+from workers.ports import listen_ports
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
@@ -145,18 +145,12 @@ def seed(url: str, n_jobs: int, n_points: int) -> tuple[list[str], str]:
     return [r["id"] for r in rows] + [series_id], series_id
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def server(
     url: str, tmp: Path, log_path: Path, api_workers: int = 1
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real `minordpo serve` (uvicorn, no dispatcher, `api_workers` processes) on a free port; stopped on exit."""
-    port = free_port()
+    port = listen_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
     env |= {
         "MINORDPO_DATABASE_URL": url,

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,12 +26,6 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spec(model: Path, steps: int, workers: int) -> dict[str, Any]:
@@ -114,7 +107,9 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="minordpo-service-bench-"))
     model = make_tiny_model(root / "model", tokenizer=SHARED / "tokenizers" / "gpt2", size="tiny")
-    port = _free_port()
+    from workers.ports import listen_ports
+
+    port = listen_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
     env.update(
         MINORDPO_DATABASE_URL=f"sqlite:///{root / 'db.sqlite'}", MINORDPO_ARTIFACTS_DIR=str(root / "artifacts"),

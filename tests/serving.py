@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from workers.ports import listen_ports
+
 
 def api_only_env(database_url: str, root: Path, tokens: str, port: int, **extra: str) -> dict[str, str]:
     """Environment for a `minordpo serve` child that serves the API only (no dispatcher, no Ray),
@@ -32,8 +34,6 @@ def api_only_env(database_url: str, root: Path, tokens: str, port: int, **extra:
 def free_port() -> int:
     """A TCP port that nothing listens on right now, from outside the kernel's ephemeral range: a server
     started seconds later still finds it free (an outgoing connection could take an ephemeral one)."""
-    from workers.ports import listen_ports
-
     return listen_ports(1)[0]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,20 @@ def local_ray() -> Iterator[Any]:
         yield info
     finally:
         ray_cluster.shutdown()
+
+
+@pytest.fixture
+def own_ray_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A Ray token of this test's own (its file), for a head it starts; later tests get the default one back."""
+    from workers.ray_control import reload_auth_token
+
+    token = tmp_path / "ray-token"
+    token.write_text(secrets.token_hex(32))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    reload_auth_token()
+    yield token
+    monkeypatch.undo()
+    reload_auth_token()
 
 
 @pytest.fixture

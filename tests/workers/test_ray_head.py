@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,6 @@ from workers.ray_control import (
     RayJobs,
     RayUnavailableError,
     jobs_api_reachable,
-    reload_auth_token,
     start_local_head,
     stop_local_head,
 )
@@ -45,21 +42,9 @@ def test_a_jobs_api_that_never_answers_is_unreachable_not_a_hang() -> None:
         assert time.monotonic() - started < 10
 
 
-@pytest.fixture
-def own_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This test's head gets a token of its own; later tests in this process get the default one back."""
-    token = tmp_path / "token"
-    token.write_text(secrets.token_hex(32))
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-    reload_auth_token()
-    yield
-    monkeypatch.undo()
-    reload_auth_token()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.usefixtures("own_token")
+@pytest.mark.usefixtures("own_ray_token")
 def test_a_head_start_that_fails_is_retried_on_new_ports_and_the_error_quotes_ray(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

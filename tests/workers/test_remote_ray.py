@@ -6,7 +6,6 @@ the cluster's CPUs, and leaves the cluster running when it stops.
 
 from __future__ import annotations
 
-import secrets
 import signal
 import subprocess
 import sys
@@ -16,21 +15,18 @@ import pytest
 
 from tests.serving import pid_alive
 from tests.workers.service_helpers import TERMINAL, Server, job_body, metric_steps, submit, wait_for
-from workers.ray_control import reload_auth_token, start_local_head, stop_local_head
+from workers.ray_control import start_local_head, stop_local_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_a_job_runs_on_an_existing_cluster_given_by_ray_address(
-    tmp_path: Path, tiny_model_dir: Path, learnable_pairs_file: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_dir: Path, learnable_pairs_file: Path, own_ray_token: Path
 ) -> None:
     # "someone else's" cluster: its own folder, its own token (the operator hands the token to the service)
+    token = own_ray_token
     cluster = tmp_path / "cluster"
     cluster.mkdir()
-    token = cluster / "token"
-    token.write_text(secrets.token_hex(32))
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-    reload_auth_token()
     head = start_local_head(cluster / "ray-head.json", num_cpus=2)
     server = Server(
         tmp_path / "service", tiny_model_dir, learnable_pairs_file, RAY_ADDRESS=head.dashboard_url,
@@ -65,5 +61,3 @@ def test_a_job_runs_on_an_existing_cluster_given_by_ray_address(
             dispatcher.kill()
         server.stop()
         stop_local_head(head, cluster / "ray-head.json")
-        monkeypatch.undo()
-        reload_auth_token()  # later tests in this process use the default token again
