@@ -80,12 +80,32 @@ class Settings(BaseSettings):
         return "\n".join(p for p in parts if p.strip())
 
     def allowed_roots(self) -> list[Path]:
-        """Roots that local model/dataset paths must resolve into (default: cwd and the artifacts dir)."""
+        """Roots that local model/dataset paths must resolve into (default: the current directory).
+
+        The artifacts dir is not a root: uploads and trained models are reached by id (`ds_...`, a job
+        id), so one project cannot name another's files; see `service_owned_paths`.
+        """
         if self.allowed_paths:
             roots = [Path(p) for p in self.allowed_paths.split(os.pathsep) if p.strip()]
         else:
-            roots = [Path.cwd(), self.artifacts_dir]
+            roots = [Path.cwd()]
         return [r.expanduser().resolve() for r in roots]
+
+    def service_owned_paths(self) -> list[Path]:
+        """Files and folders of the service itself, never readable through a spec path, whatever the roots.
+
+        The artifacts dir (uploads, job outputs, the webhook secret, the driver settings), the SQLite
+        database with its journal files, the token file and the local Ray head's state and log.
+        """
+        from core.store.db import sqlite_file
+
+        owned = [self.artifacts_dir, self.ray_state_file, self.ray_state_file.with_suffix(".log")]
+        database = sqlite_file(self.database_url)
+        if database is not None:
+            owned += [database.with_name(database.name + s) for s in ("", "-wal", "-shm", "-journal")]
+        if self.api_tokens_file is not None:
+            owned.append(self.api_tokens_file)
+        return [Path(os.path.realpath(p.expanduser())) for p in owned]
 
     @field_validator("webhook_secret")
     @classmethod

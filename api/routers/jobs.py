@@ -52,7 +52,7 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JobOut:
     """Queue a training job. Local paths must lie under the allowed roots; `ds_...` ids name uploaded datasets."""
-    checked = check_spec(spec, settings, service.dataset_lookup(db, principal))
+    checked = check_spec(spec, settings, service.spec_lookups(db, principal))
     job, created = service.create(db, principal, checked, idempotency_key)
     if not created:
         response.status_code = 200
@@ -66,7 +66,7 @@ def validate_job(
     spec: JobSpec, request: Request, db: DbDep, settings: SettingsDep, principal: PrincipalDep
 ) -> ValidationOut:
     """Check the spec, the path policy and the dataset (rows, bad lines, token lengths, truncation) without queuing."""
-    checked = check_spec(spec, settings, service.dataset_lookup(db, principal))
+    checked = check_spec(spec, settings, service.spec_lookups(db, principal))
     return validate_spec(checked, request.app.state.tokenizers)
 
 

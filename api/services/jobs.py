@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ProblemError, not_found
 from api.services.auth import Principal
-from api.services.specs import CheckedSpec, DatasetLookup
+from api.services.specs import CheckedSpec, SpecLookups
 from core.schemas import (
     CheckpointList,
     CheckpointOut,
@@ -33,6 +34,7 @@ from core.store import (
     NotFoundError,
     cancel_job,
     create_job,
+    final_model_path,
     get_dataset,
     job_error_payload,
     job_visible,
@@ -47,15 +49,22 @@ from core.store import (
 MAX_IDEMPOTENCY_KEY = 255
 
 
-def dataset_lookup(db: Database, principal: Principal) -> DatasetLookup:
-    """Resolve `ds_...` ids to stored files, as visible to the caller's project."""
+def spec_lookups(db: Database, principal: Principal) -> SpecLookups:
+    """Resolve a spec's `ds_...` ids to stored files and job ids to final models, as visible to the caller."""
 
-    def lookup(dataset_id: str) -> str | None:
+    def dataset(dataset_id: str) -> str | None:
         with db.read() as session:
             row = get_dataset(session, dataset_id, project=principal.scope)
             return row.path if row is not None else None
 
-    return lookup
+    def final_model(job_id: str) -> str | None:
+        with db.read() as session:
+            if not job_visible(session, job_id, project=principal.scope):
+                return None
+            path = final_model_path(session, job_id)
+        return path if path is not None and Path(path).is_dir() else None
+
+    return SpecLookups(dataset=dataset, final_model=final_model)
 
 
 def _queue_positions(session: Session, jobs: Sequence[Job]) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Turn a request body into a checked JobSpec: schema, remote-code policy, path policy, dataset ids."""
+"""Turn a request body into a checked JobSpec: schema, remote-code policy, path policy, dataset and job ids."""
 
 from __future__ import annotations
 
@@ -12,15 +12,26 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
-from api.errors import ProblemError, pydantic_errors, summary
-from api.services.paths import ResolvedPath, resolve_dataset_file, resolve_model
+from api.errors import ProblemError, invalid, pydantic_errors, summary
+from api.services.paths import PathPolicy, ResolvedPath, resolve_dataset_file, resolve_model
 from core.settings import Settings
 from core.spec import JobSpec
 
 DATASET_ID = re.compile(r"^ds_[0-9a-f]{8,64}$")
+JOB_ID = re.compile(r"^job_[0-9A-Za-z]{26}$")
 
-# Resolves an uploaded dataset id to its stored file, or None when unknown.
-DatasetLookup = Callable[[str], str | None]
+
+@dataclass(frozen=True)
+class SpecLookups:
+    """How a spec's ids become stored paths, as visible to the caller's project (None when not visible)."""
+
+    dataset: Callable[[str], str | None]
+    final_model: Callable[[str], str | None] = lambda _job_id: None
+
+
+def path_policy(settings: Settings) -> PathPolicy:
+    """The operator's roots and the service's own files."""
+    return PathPolicy(settings.allowed_roots(), settings.service_owned_paths())
 
 
 def parse_spec(body: Any) -> JobSpec:
@@ -38,17 +49,13 @@ def parse_spec(body: Any) -> JobSpec:
         raise ProblemError(422, summary(errors), errors=errors) from exc
 
 
-def _dataset_value(value: str, field: str, settings: Settings, lookup: DatasetLookup) -> str:
+def _dataset_value(value: str, field: str, policy: PathPolicy, lookups: SpecLookups) -> str:
     if DATASET_ID.match(value):
-        stored = lookup(value)
+        stored = lookups.dataset(value)
         if stored is None:
-            raise ProblemError(
-                422,
-                f"{field}: dataset '{value}' is not an uploaded dataset",
-                errors=[{"loc": field, "msg": f"unknown dataset id '{value}'"}],
-            )
+            raise invalid(field, f"unknown dataset id '{value}'")
         return stored
-    return resolve_dataset_file(value, field, settings.allowed_roots()).value
+    return resolve_dataset_file(value, field, policy).value
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ class CheckedSpec:
     model_is_hub_id: bool
 
 
-def check_spec(spec: JobSpec, settings: Settings, lookup: DatasetLookup) -> CheckedSpec:
+def check_spec(spec: JobSpec, settings: Settings, lookups: SpecLookups) -> CheckedSpec:
     """Apply the operator's policies (remote code, path roots, dataset ids); 422 naming every bad field."""
     errors: list[dict[str, str]] = []
     if spec.model.trust_remote_code and not settings.allow_remote_code:
@@ -73,18 +80,19 @@ def check_spec(spec: JobSpec, settings: Settings, lookup: DatasetLookup) -> Chec
         )
     errors.extend(webhook_host_errors(spec, settings))
     resolved: dict[str, str] = {}
-    model = resolve_model_or_error(spec.model.path, settings, errors)
+    policy = path_policy(settings)
+    model = resolve_model_or_error(spec.model.path, policy, lookups, errors)
     checks: list[tuple[str, str, Callable[[], str]]] = [
         (
             "dataset.train",
             spec.dataset.train,
-            lambda: _dataset_value(spec.dataset.train, "dataset.train", settings, lookup),
+            lambda: _dataset_value(spec.dataset.train, "dataset.train", policy, lookups),
         ),
     ]
     if spec.dataset.eval:
         eval_value = spec.dataset.eval
         checks.append(
-            ("dataset.eval", eval_value, lambda: _dataset_value(eval_value, "dataset.eval", settings, lookup))
+            ("dataset.eval", eval_value, lambda: _dataset_value(eval_value, "dataset.eval", policy, lookups))
         )
     for field, _value, resolve in checks:
         try:
@@ -129,16 +137,21 @@ def webhook_host_errors(spec: JobSpec, settings: Settings) -> list[dict[str, str
 
 
 def resolve_model_or_error(
-    value: str, settings: Settings, errors: list[dict[str, str]]
+    value: str, policy: PathPolicy, lookups: SpecLookups, errors: list[dict[str, str]]
 ) -> ResolvedPath | None:
-    """resolve_model, collecting its error instead of raising."""
+    """A job id names that job's final model (same project only); else resolve_model. Errors are collected."""
     try:
-        return resolve_model(value, "model.path", settings.allowed_roots())
+        if JOB_ID.match(value):
+            final = lookups.final_model(value)
+            if final is None:
+                raise invalid("model.path", f"job '{value}' does not exist or has not saved a final model")
+            return ResolvedPath(final)
+        return resolve_model(value, "model.path", policy)
     except ProblemError as exc:
         errors.extend(exc.errors or [{"loc": "model.path", "msg": exc.detail}])
         return None
 
 
-def spec_from_body(body: Any, settings: Settings, lookup: DatasetLookup) -> CheckedSpec:
+def spec_from_body(body: Any, settings: Settings, lookups: SpecLookups) -> CheckedSpec:
     """parse_spec + check_spec."""
-    return check_spec(parse_spec(body), settings, lookup)
+    return check_spec(parse_spec(body), settings, lookups)

@@ -6,7 +6,13 @@ unit of work in ``Database.write()`` (``BEGIN IMMEDIATE`` on SQLite) or ``Databa
 
 from __future__ import annotations
 
-from core.store.checkpoints import add_checkpoint, delete_checkpoint, latest_checkpoint, list_checkpoints
+from core.store.checkpoints import (
+    add_checkpoint,
+    delete_checkpoint,
+    final_model_path,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from core.store.datasets import get_dataset, list_datasets, register_dataset
 from core.store.db import Database, make_engine, normalize_url, sqlite_file
 from core.store.dispatch import (
@@ -109,6 +115,7 @@ __all__ = [
     "create_job",
     "current_revision",
     "delete_checkpoint",
+    "final_model_path",
     "ensure_project",
     "ensure_schema_current",
     "get_dataset",

@@ -1,4 +1,4 @@
-"""Checkpoints of a job: one per (job, step), recorded idempotently with a `checkpoint` event."""
+"""Checkpoints of a job: one per (job, step), recorded idempotently with a `checkpoint` event; its final model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from core.store.errors import NotFoundError
 from core.store.events import append_event
-from core.store.models import Checkpoint, Job, utcnow
+from core.store.models import Checkpoint, Job, JobEvent, utcnow
 from core.store.projects import dialect_insert
 
 
@@ -70,3 +70,15 @@ def delete_checkpoint(session: Session, job_id: str, step: int) -> bool:
     """Forget a checkpoint (after its files were rotated away); returns whether it existed."""
     result = session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step))
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def final_model_path(session: Session, job_id: str) -> str | None:
+    """Where the job saved its final model (its `final_model` event), or None if it has not."""
+    data = session.scalars(
+        select(JobEvent.data)
+        .where(JobEvent.job_id == job_id, JobEvent.kind == "final_model")
+        .order_by(JobEvent.seq.desc())
+        .limit(1)
+    ).first()
+    path = (data or {}).get("path")
+    return path if isinstance(path, str) else None
