@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.openapi import documented_methods
+
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("api.errors")
 
@@ -168,9 +170,15 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"No route for {request.url.path}"
-        elif exc.status_code == 405 and detail == "Method Not Allowed":
-            detail = f"Method {request.method} is not allowed on {request.url.path}"
-        return problem_response(request, exc.status_code, detail, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            allowed = documented_methods(request.app, request.url.path) or (headers or {}).get("Allow", "")
+            if isinstance(allowed, list):
+                allowed = ", ".join(allowed)
+            headers = {**(headers or {}), "Allow": allowed}
+            if detail == "Method Not Allowed":
+                detail = f"Method {request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+        return problem_response(request, exc.status_code, detail, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -17,6 +17,7 @@ from api.hot_path import JobReadFastPath, job_route
 from api.logging import configure_logging
 from api.metrics import ApiMetrics
 from api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from api.openapi import install_contract
 from api.routers import dashboard, datasets, docs, health, jobs, stream, webhooks
 from api.services.auth import Authenticator, StartupError
 from api.services.jobs import count_by_status
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     install_error_handlers(app)
     for module in (health, jobs, stream, datasets, webhooks, docs, dashboard):
         app.include_router(module.router)
+    install_contract(app, public_paths)
 
     # Added last = outermost: request context wraps auth, auth wraps the body limit, which wraps the
     # GET-a-job fast path. With OpenTelemetry on, that GET goes through the router: FastAPI's spans

@@ -20,12 +20,19 @@ class SpecFileError(ValueError):
 FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, reading `5e-6` as a number (YAML 1.1 wants `5.0e-6`; YAML 1.2 and JSON do not)."""
+
+
+_SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT, list("-+0123456789."))
+
+
 def parse_value(raw: str) -> Any:
     """A YAML scalar (`true`, `[a, b]`, `0.5`), with `1e-5` read as a number (YAML 1.1 would keep a string)."""
     if FLOAT.match(raw.strip()):
         return float(raw)
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError:
         return raw
 
@@ -63,7 +70,7 @@ def read_spec_dict(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise SpecFileError(f"{path} is not UTF-8 text (byte {exc.start})") from exc
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_SpecLoader)  # noqa: S506
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise SpecFileError(
             f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"

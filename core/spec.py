@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.loss_names import LOSS_NAMES
+
+#: Upper bound of every step and row count in a spec (keeps each integer well inside 64 bits).
+MAX_COUNT = 1_000_000_000
 
 DatasetFormat = Literal["auto", "standard", "conversational", "implicit_prompt", "openai"]
 
@@ -14,16 +17,22 @@ DatasetFormat = Literal["auto", "standard", "conversational", "implicit_prompt",
 class StrictModel(BaseModel):
     """Base for every spec section: unknown fields are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, str_strip_whitespace=True)
+    # strict: `false` is not 0 and `"3"` is not 3; allow_inf_nan: JSON like 1e400 is not a number here.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, str_strip_whitespace=True, strict=True, allow_inf_nan=False
+    )
 
 
 class ModelSpec(StrictModel):
     """Where the policy comes from. A bare string in a spec means ``{"path": ...}``."""
 
     path: str = Field(
-        min_length=1, description="Local Hugging Face model folder, or a hub id where the network allows"
+        min_length=1,
+        max_length=4096,
+        description="Local Hugging Face model folder, a job id (that job's final model; same project only), "
+        "or a hub id where the network allows",
     )
-    revision: str | None = Field(None, description="Hub revision (ignored for local folders)")
+    revision: str | None = Field(None, max_length=256, description="Hub revision (ignored for local folders)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     trust_remote_code: bool = Field(False, description="Refused unless the operator allows remote code")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
@@ -33,15 +42,17 @@ class DatasetSpec(StrictModel):
     """The preference data: a file or folder path (or an uploaded dataset id) and how to split it."""
 
     train: str = Field(
-        min_length=1, description="Path to .jsonl/.json/.jsonl.gz/.parquet/load_from_disk folder, or ds_<id>"
+        min_length=1,
+        max_length=4096,
+        description="Path to .jsonl/.json/.jsonl.gz/.parquet/load_from_disk folder, or ds_<id>",
     )
-    eval: str | None = Field(None, description="Held-out file; exclusive with eval_fraction")
+    eval: str | None = Field(None, max_length=4096, description="Held-out file; exclusive with eval_fraction")
     eval_fraction: float = Field(0.0, ge=0.0, lt=0.5)
     format: DatasetFormat = "auto"
     on_bad_row: Literal["skip", "fail"] = Field(
         "skip", description="Skip rows that cannot be used, or fail the job"
     )
-    max_rows: int | None = Field(None, ge=1, description="Use only the first N usable rows")
+    max_rows: int | None = Field(None, ge=1, le=MAX_COUNT, description="Use only the first N usable rows")
     truncate_prompt: bool = Field(
         True,
         description="Cut long prompts from the left (keep their end); if false, rows with no room are bad rows",
@@ -60,12 +71,14 @@ class LossSpec(StrictModel):
     type: str | list[str] = Field(
         "minor_dpo", description=f"One of {', '.join(LOSS_NAMES)}, or a list of them"
     )
-    weights: list[float] | None = Field(None, description="One weight per loss type when type is a list")
+    weights: list[Annotated[float, Field(ge=-1e6, le=1e6)]] | None = Field(
+        None, max_length=32, description="One weight per loss type when type is a list"
+    )
     beta: float = Field(0.1, gt=0.0, le=100.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="ε of cdpo, robust and exo_pair")
-    discopop_tau: float = Field(0.05, gt=0.0)
-    dpop_lambda: float = Field(50.0, ge=0.0)
-    simpo_gamma: float = Field(0.5, ge=0.0)
+    discopop_tau: float = Field(0.05, gt=0.0, le=1e6)
+    dpop_lambda: float = Field(50.0, ge=0.0, le=1e6)
+    simpo_gamma: float = Field(0.5, ge=0.0, le=1e6)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -106,7 +119,7 @@ class TrainingSpec(StrictModel):
 
     epochs: int = Field(1, ge=1, le=1000)
     max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)"
+        None, ge=1, le=MAX_COUNT, description="Stop after this many optimizer steps (overrides epochs)"
     )
     batch_size: int = Field(
         8, ge=1, le=4096, description="Pairs per optimizer step per worker, before accumulation"
@@ -114,18 +127,18 @@ class TrainingSpec(StrictModel):
     grad_accum_steps: int = Field(1, ge=1, le=1024)
     learning_rate: float = Field(5e-6, gt=0.0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    adam_epsilon: float = Field(1e-8, gt=0.0)
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, le=1e6)
     max_length: int = Field(512, ge=8, le=131072)
-    seed: int = Field(0, ge=0)
-    eval_every: int | None = Field(None, ge=1)
-    checkpoint_every: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    eval_every: int | None = Field(None, ge=1, le=MAX_COUNT)
+    checkpoint_every: int | None = Field(None, ge=1, le=MAX_COUNT)
     keep_checkpoints: int = Field(2, ge=1, le=1000)
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, le=MAX_COUNT)
     precompute_ref_logps: bool = Field(
         True, description="One no-grad reference pass, cached on disk; else a live reference"
     )
@@ -135,9 +148,11 @@ class LoraSpec(StrictModel):
     """Low-rank adapters (peft); the reference is then the base model with adapters disabled."""
 
     r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0.0)
+    alpha: float = Field(16.0, gt=0.0, le=1e6)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: (
+        Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=256)] | Literal["all-linear"]
+    ) = "all-linear"
 
 
 class ResourcesSpec(StrictModel):
@@ -178,6 +193,8 @@ class JobSpec(StrictModel):
     model_config = ConfigDict(
         extra="forbid",
         str_strip_whitespace=True,
+        strict=True,
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {

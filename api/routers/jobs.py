@@ -25,6 +25,8 @@ PROBLEMS = {
 }
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=PROBLEMS)
 JobId = Annotated[str, Path(description="Job id, e.g. job_01jd3m5k8q9t0v1w2x3y4z5a6b", max_length=64)]
+#: The largest integer a query parameter takes (the databases' 64-bit integers).
+MAX_INT64 = 2**63 - 1
 StatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -107,7 +109,9 @@ def job_metrics(
     job_id: JobId,
     db: DbDep,
     principal: PrincipalDep,
-    after_step: Annotated[int | None, Query(ge=-1, description="Only steps after this one")] = None,
+    after_step: Annotated[
+        int | None, Query(ge=-1, le=MAX_INT64, description="Only steps after this one")
+    ] = None,
     names: Annotated[list[str] | None, Query(description="Metric names (repeat or comma-separate)")] = None,
     max_points: Annotated[
         int | None, Query(ge=2, le=100_000, description="Downsample to this many rows")

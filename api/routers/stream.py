@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.deps import DbDep, PrincipalDep
 from api.errors import ProblemError, not_found
-from api.routers.jobs import PROBLEMS
+from api.routers.jobs import MAX_INT64, PROBLEMS
 from api.services import jobs as jobs_service
 from api.services.stream import StreamHub
 from api.services.stream_reads import Cursor, Message
@@ -93,7 +93,7 @@ async def job_events(
     db: DbDep,
     principal: PrincipalDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
-    after: Annotated[int, Query(ge=0, description="JSON view only: events after this seq")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_INT64, description="JSON view only: events after this seq")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="JSON view only: page size")] = 100,
 ) -> Response:
     """Status changes, events and metric rows in order, each with a resumable id (see the module docs)."""

@@ -90,7 +90,9 @@ def test_another_projects_upload_is_not_reachable_by_path_or_id(
         refusal(wide_client, route, PATH_FIELDS[field](spec, path), field, project="team-a")
         msg = refusal(wide_client, route, PATH_FIELDS[field](spec, stored["id"]), field)
         assert "unknown dataset id" in msg
-    r = wide_client.post("/v1/jobs", json={**spec, "dataset": {"train": stored["id"]}}, headers=auth("team-a"))
+    r = wide_client.post(
+        "/v1/jobs", json={**spec, "dataset": {"train": stored["id"]}}, headers=auth("team-a")
+    )
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["dataset"]["train"] == path
 
