@@ -20,7 +20,10 @@ from api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMi
 from api.openapi import install_contract
 from api.routers import dashboard, datasets, docs, health, jobs, stream, webhooks
 from api.services.auth import Authenticator, StartupError
+from api.services.datasets import datasets_dir
+from api.services.hub_loads import HubLoads
 from api.services.jobs import count_by_status
+from api.services.uploads import remove_orphaned_uploads
 from api.services.validation import TokenizerCache
 from core.settings import Settings, get_settings
 from core.store import Database, SchemaOutOfDateError, ensure_schema_current
@@ -71,6 +74,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for path in remove_orphaned_uploads(datasets_dir(settings.artifacts_dir)):  # of a killed upload
+            log.info("removed the orphaned temporary upload %s", path.name)
         log.info("API ready (auth %s)", "on" if authenticator.enabled else "off: loopback only")
         yield
         try:
@@ -103,7 +108,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         "db": db,
         "metrics": metrics,
         "authenticator": authenticator,
-        "tokenizers": TokenizerCache(settings.tokenizer_cache_size),
+        "tokenizers": TokenizerCache(settings.tokenizer_cache_size, HubLoads.from_settings(settings)),
         "readiness_checks": {"database": _database_check(db)},
         "public_paths": public_paths,
         "shutdown_hooks": [],

@@ -54,7 +54,7 @@ METRIC_NAMES = [
 SPEC = {
     "name": "bench",
     "model": "var/models/tiny-llama",
-    "dataset": {"train": "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", "eval_fraction": 0.05},
+    "dataset": {"train": "examples/data/hh-rlhf/harmless-base-test.jsonl.gz", "eval_fraction": 0.05},
     "loss": {"type": "minor_dpo", "beta": 0.1},
     "training": {"max_steps": 500, "batch_size": 8, "learning_rate": 5e-6, "max_length": 512},
     "resources": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},

@@ -25,14 +25,14 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+DATA = REPO / "examples" / "data"
 
 
 def spec(model: Path, steps: int, workers: int) -> dict[str, Any]:
     return {
         "name": "bench",
         "model": str(model),
-        "dataset": {"train": str(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "max_rows": 256},
+        "dataset": {"train": str(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "max_rows": 256},
         "loss": {"type": "minor_dpo", "beta": 0.1},
         "training": {"max_steps": steps, "batch_size": 8, "max_length": 512, "learning_rate": 1e-4},
         "resources": {"num_workers": workers, "cpus_per_worker": 1},
@@ -106,14 +106,14 @@ def main() -> None:
     from core.models import make_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="minordpo-service-bench-"))
-    model = make_tiny_model(root / "model", tokenizer=SHARED / "tokenizers" / "gpt2", size="tiny")
+    model = make_tiny_model(root / "model", tokenizer=DATA / "tokenizers" / "gpt2", size="tiny")
     from workers.ports import listen_ports
 
     port = listen_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
     env.update(
         MINORDPO_DATABASE_URL=f"sqlite:///{root / 'db.sqlite'}", MINORDPO_ARTIFACTS_DIR=str(root / "artifacts"),
-        MINORDPO_ALLOWED_PATHS=os.pathsep.join([str(root), str(SHARED)]), MINORDPO_PORT=str(port),
+        MINORDPO_ALLOWED_PATHS=os.pathsep.join([str(root), str(DATA)]), MINORDPO_PORT=str(port),
         MINORDPO_RAY_STATE_FILE=str(root / "ray-head.json"),
         MINORDPO_LOG_LEVEL="INFO", PYTHONPATH=str(REPO),
     )  # fmt: skip

@@ -15,9 +15,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
-SHARED = REPO.parent / "shared" / "data"
-HH_FILE = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-GPT2 = SHARED / "tokenizers" / "gpt2" / "tokenizer.json"
+DATA = REPO / "examples" / "data"
+HH_FILE = DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+GPT2 = DATA / "tokenizers" / "gpt2" / "tokenizer.json"
 MODEL_DIR = OUT / "model"
 ROWS = OUT / "rows.jsonl"  # the selected pairs, in HH file order (our loop's input)
 TRL_ROWS = (

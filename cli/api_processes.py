@@ -65,7 +65,9 @@ def worker_app() -> Any:
             # paid at start-up, not by the first /readyz; our module first: it sets Ray's auth mode
             for module in ("workers.ray_control", "ray.job_submission"):
                 importlib.import_module(module)
-            app.state.readiness_checks["ray"] = lambda: require_ray_jobs_api(ray_jobs_url)
+            app.state.readiness_checks["ray"] = lambda: require_ray_jobs_api(
+                local_head_url(settings) or ray_jobs_url
+            )
     except (StartupError, ValidationError):
         log.exception("API worker %d cannot serve with this configuration", os.getpid())
         sys.exit(STARTUP_FAILURE)
@@ -79,6 +81,14 @@ def worker_app() -> Any:
     gc.collect()
     gc.freeze()  # start-up objects leave the collector's view: full collections stay short under load
     return app
+
+
+def local_head_url(settings: Settings) -> str | None:
+    """The Jobs API of the local head the dispatcher records now (it starts a new one when its head dies)."""
+    from workers.ray_control import LocalHead
+
+    head = None if settings.ray_address else LocalHead.load(settings.ray_state_file)
+    return head.dashboard_url if head is not None else None
 
 
 def require_ray_jobs_api(url: str) -> None:

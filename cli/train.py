@@ -30,6 +30,10 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return fail(message, code)
 
 
+#: The GPT-2 tokenizer that ships with the repository (examples/data/SOURCES.md).
+SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "examples" / "data" / "tokenizers" / "gpt2"
+
+
 def register(app: typer.Typer) -> None:
     """Add the core-engine commands to the main app."""
 
@@ -38,7 +42,10 @@ def register(app: typer.Typer) -> None:
         out_dir: Annotated[Path, typer.Argument(help="Folder to write the Hugging Face model into")],
         tokenizer: Annotated[
             Path | None,
-            typer.Option(help="tokenizer.json or tokenizer folder (e.g. ../shared/data/tokenizers/gpt2)"),
+            typer.Option(
+                help="tokenizer.json or tokenizer folder (default: the GPT-2 tokenizer shipped in "
+                "examples/data/tokenizers/gpt2)"
+            ),
         ] = None,
         size: Annotated[
             str, typer.Option(help="tiny (~1M params with GPT-2 vocab) or small (~20M)")
@@ -53,6 +60,8 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"--size must be tiny or small, not {size!r}")
         size_lit: Literal["tiny", "small"] = "tiny" if size == "tiny" else "small"
         try:
+            if tokenizer is None and SHIPPED_TOKENIZER.exists():
+                tokenizer = SHIPPED_TOKENIZER
             path = make_tiny_model(out_dir, tokenizer=tokenizer, size=size_lit, seed=seed)
         except ModelLoadError as exc:
             raise _fail(str(exc)) from exc

@@ -1,4 +1,4 @@
-"""Preference losses of the DPO family, MinorDPO first, behind one registry (see ALGORITHMS.md).
+"""Preference losses of the DPO family, MinorDPO first, behind one registry (see docs/losses.md).
 
 Every loss has the signature
 ``loss_fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, **extra)``

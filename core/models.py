@@ -131,6 +131,21 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if is_peft(model) else model
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (torch checkpoint, non-reentrant), LoRA too.
+
+    Only in train mode (Hugging Face layers check ``self.training``), so no-grad passes are unchanged.
+    Non-reentrant checkpointing needs no ``requires_grad`` inputs; Hugging Face still hooks the input
+    embeddings to require grad, which costs nothing here.
+    """
+    lm = causal_lm(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers ≥ 5.x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def adapters_disabled(model: nn.Module) -> AbstractContextManager[Any]:
     """Context in which a LoRA model acts as its base model (the reference); a no-op otherwise."""
     model = getattr(model, "module", model)

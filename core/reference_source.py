@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from core.data import PreparedData
 from core.models import adapters_disabled, is_peft, load_model, model_fingerprint
 from core.packing import PackedBatch
+from core.precision import compute_dtype
 from core.reference import ReferenceCache, ReferenceTable, cache_key, compute_reference
 from core.reporting import Reporter
-from core.scoring import PairScorer
+from core.scoring import PairScorer, scorer_for
 from core.spec import JobSpec
 
 
@@ -78,10 +79,14 @@ def build_reference(
     if not spec.training.precompute_ref_logps:
         if is_peft(policy):
             return ReferenceSource(
-                setup.device, live=PairScorer(policy), live_context=lambda: adapters_disabled(policy)
+                setup.device,
+                live=scorer_for(policy, spec.training, setup.device),
+                live_context=lambda: adapters_disabled(policy),
             )
         ref = load_model(spec.model, allow_remote_code=setup.allow_remote_code, device=setup.device)
-        return ReferenceSource(setup.device, live=PairScorer(ref.eval().requires_grad_(False)))
+        return ReferenceSource(
+            setup.device, live=scorer_for(ref.eval().requires_grad_(False), spec.training, setup.device)
+        )
     return ReferenceSource(setup.device, table=_precomputed_table(setup, data, policy, resumed, reporter))
 
 
@@ -90,7 +95,10 @@ def _precomputed_table(
 ) -> ReferenceTable:
     spec = setup.spec
     pairs = data.train + data.eval
-    key = cache_key(model_fingerprint(spec.model), data.fingerprint, pairs, spec.training.max_length)
+    model_fp = model_fingerprint(spec.model)
+    if compute_dtype(spec.training.precision, setup.device) != torch.float32:  # bf16 log-probs differ
+        model_fp += "|bf16"
+    key = cache_key(model_fp, data.fingerprint, pairs, spec.training.max_length)
     cache = ReferenceCache(setup.cache_dir)
     table = cache.load(key)
     if table is not None and table.chosen.numel() == len(pairs):
@@ -100,9 +108,9 @@ def _precomputed_table(
     ref_model: nn.Module | None = None
     if resumed and not is_peft(policy):  # the policy has moved: load the reference weights for this pass
         ref_model = load_model(spec.model, allow_remote_code=setup.allow_remote_code, device=setup.device)
-        scorer, context = PairScorer(ref_model), nullcontext()
+        scorer, context = scorer_for(ref_model, spec.training, setup.device), nullcontext()
     else:
-        scorer, context = PairScorer(policy), adapters_disabled(policy)
+        scorer, context = scorer_for(policy, spec.training, setup.device), adapters_disabled(policy)
     # longest packed rows first, cut into batches: neighbours have similar widths, so little padding
     width = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -width[i])

@@ -1,21 +1,30 @@
-"""Completion log-probs of chosen and rejected answers in one forward, without a full-vocabulary log_softmax.
+"""Completion log-probs of chosen and rejected answers in one forward, without a full-vocabulary tensor.
 
 The decoder runs once over packed ``[prompt; chosen; rejected]`` rows (core.packing); the LM head and
-the cross-entropy then run only on the hidden states that predict completion tokens, so the
-``[tokens, vocab]`` logits exist for completion positions alone (HH-RLHF prompts are most of each
-pair and GPT-2's vocabulary has 50,257 entries).
+the cross-entropy then run only on the hidden states that predict completion tokens, and only a chunk
+of those positions at a time: each chunk's ``[chunk, vocab]`` logits are made, reduced to fp32
+log-probs (and each row's mean logit, TRL's ``logits/*`` metric, from the same logits) and dropped, and rebuilt in
+backward (non-reentrant activation checkpointing per chunk). Peak memory then grows with
+``chunk_size × vocab``, not ``completion tokens × vocab``; gradients are the same as with one chunk.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from core.models import causal_lm
 from core.packing import PackedBatch
+from core.precision import autocast, compute_dtype
+from core.spec import TrainingSpec
+
+LOGPS_CHUNK_SIZE = 1024
+"""Completion positions per LM-head chunk by default (TrainingSpec.logps_chunk_size)."""
 
 
 @dataclass
@@ -29,49 +38,102 @@ class PairScores:
 
 
 class PairScorer(nn.Module):
-    """Wraps a causal LM (optionally peft) so that DDP sees one module whose forward scores a PackedBatch."""
+    """Wraps a causal LM (optionally peft) so that DDP sees one module whose forward scores a PackedBatch.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``compute_dtype`` bfloat16 runs the decoder and the head under autocast (core.precision); the
+    log-softmax, the sums and everything after them are fp32 either way.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        chunk_size: int = LOGPS_CHUNK_SIZE,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         self.model = model
+        self.chunk_size = chunk_size
+        self.compute_dtype = compute_dtype
 
     def forward(self, batch: PackedBatch) -> PairScores:
         lm = causal_lm(self.model)
         decoder = lm.get_decoder()
         head = lm.get_output_embeddings()
+        device = batch.input_ids.device
         dtype = next(decoder.parameters()).dtype
-        out = decoder(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask(dtype),
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
+        with autocast(self.compute_dtype, device):
+            out = decoder(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask(dtype),
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index)
-        logits = head(selected).float()
+
+        def head_logits(states: Tensor) -> Tensor:
+            with autocast(self.compute_dtype, device):
+                return head(states)
+
         softcap = getattr(lm.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        token_logps = -F.cross_entropy(logits, batch.target_ids, reduction="none")
+        token_logps, logit_means = completion_logps(
+            selected, batch.target_ids, head_logits, chunk_size=self.chunk_size, softcap=softcap
+        )
         b = batch.num_pairs
-        seq_logps = torch.zeros(2 * b, dtype=token_logps.dtype, device=token_logps.device)
+        seq_logps = torch.zeros(2 * b, dtype=token_logps.dtype, device=device)
         seq_logps = seq_logps.index_add(0, batch.sequence_index, token_logps)
         with torch.no_grad():
-            counts = torch.cat([batch.chosen_lengths, batch.rejected_lengths]).to(logits.dtype)
-            logit_sums = torch.zeros(2 * b, dtype=logits.dtype, device=logits.device)
-            position_means = _mean_logit(head, selected, logits, softcap)
-            logit_means = logit_sums.index_add(0, batch.sequence_index, position_means) / counts
-        return PairScores(seq_logps[:b], seq_logps[b:], logit_means[:b], logit_means[b:])
+            counts = torch.cat([batch.chosen_lengths, batch.rejected_lengths]).to(logit_means.dtype)
+            per_sequence = torch.zeros(2 * b, dtype=logit_means.dtype, device=device)
+            seq_means = per_sequence.index_add(0, batch.sequence_index, logit_means) / counts
+        return PairScores(seq_logps[:b], seq_logps[b:], seq_means[:b], seq_means[b:])
 
 
-def _mean_logit(head: nn.Module, hidden: Tensor, logits: Tensor, softcap: float | None) -> Tensor:
-    """Mean over the vocabulary of each position's logits (TRL's ``logits/*`` metric).
+def scorer_for(model: nn.Module, training: TrainingSpec, device: torch.device | str) -> PairScorer:
+    """The PairScorer a job's training settings ask for (chunk size, compute precision on ``device``)."""
+    return PairScorer(
+        model,
+        chunk_size=training.logps_chunk_size,
+        compute_dtype=compute_dtype(training.precision, device),
+    )
 
-    For a plain linear head the mean of ``h·Wᵀ + b`` over the vocabulary is ``h·mean(W) + mean(b)``,
-    an ``O(d)`` dot product per position instead of another pass over ``[N, vocab]``.
+
+def completion_logps(
+    hidden: Tensor,
+    targets: Tensor,
+    head: Callable[[Tensor], Tensor],
+    *,
+    chunk_size: int = LOGPS_CHUNK_SIZE,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """fp32 ``log p(target)`` per position (``[N]``, differentiable) and the detached mean of its logits.
+
+    ``hidden`` is ``[N, d]``; ``head`` maps it to ``[N, vocab]`` logits. Positions go through the head
+    ``chunk_size`` at a time; when gradients are recorded each chunk is checkpointed (non-reentrant),
+    so its logits are recomputed in backward instead of kept.
     """
-    weight = getattr(head, "weight", None)
-    if softcap or not isinstance(head, nn.Linear) or weight is None:
-        return logits.mean(-1)
-    mean = hidden.detach().float() @ weight.detach().float().mean(0)
-    return mean + head.bias.detach().float().mean() if head.bias is not None else mean
+    n = hidden.shape[0]
+    if n <= chunk_size:
+        return _chunk_logps(head, softcap, hidden, targets)
+    record = torch.is_grad_enabled()
+    parts = []
+    for start in range(0, n, chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if record:
+            parts.append(checkpoint(_chunk_logps, head, softcap, h, t, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(head, softcap, h, t))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _chunk_logps(
+    head: Callable[[Tensor], Tensor], softcap: float | None, hidden: Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor]:
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")
+    return token_logps, logits.detach().mean(-1)

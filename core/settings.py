@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.data.limits import DataLimits
+
 
 class Settings(BaseSettings):
     """Every knob of the service, in one place (names are the public contract of DESIGN.md)."""
@@ -34,6 +36,18 @@ class Settings(BaseSettings):
     auto_migrate: bool = False
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(1024 * 1024, ge=1)
+    max_dataset_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Bytes of one dataset file once decompressed (413 beyond it)"
+    )
+    max_line_bytes: int = Field(
+        2 * 1024**2, ge=1, description="Bytes of one JSONL line of a dataset (422 naming the line beyond)"
+    )
+    max_json_bytes: int = Field(
+        256 * 1024**2, ge=1, description="Bytes of a whole-array .json dataset, parsed in memory (413 beyond)"
+    )
+    max_json_depth: int = Field(
+        100, ge=2, le=1000, description="Nesting of arrays/objects in one dataset row (deeper: a bad row)"
+    )
     log_level: str = "INFO"
     ray_address: str | None = Field(
         None, validation_alias=AliasChoices("RAY_ADDRESS", "MINORDPO_RAY_ADDRESS")
@@ -48,7 +62,9 @@ class Settings(BaseSettings):
         "stack imported, besides the other processes one job needs (0: no warm processes)",
     )
     ray_state_file: Path = Field(
-        Path("var/ray-head.json"), description="Where the local Ray head is recorded"
+        default_factory=lambda data: data["artifacts_dir"] / "ray-head.json",
+        description="Where the local Ray head is recorded (default: `<artifacts_dir>/ray-head.json`, so "
+        "servers with their own artifacts dirs never share a head)",
     )
     stop_ray_on_exit: bool = Field(True, description="Stop the local Ray head when the server exits cleanly")
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a token")
@@ -71,6 +87,17 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(8, ge=1, le=100, description="Attempts per webhook delivery")
     webhook_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt")
     tokenizer_cache_size: int = Field(4, ge=0, description="Tokenizers kept in memory for /v1/jobs:validate")
+    hub_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="Longest /v1/jobs:validate waits for the hub (a hub id's tokenizer)"
+    )
+    hub_load_threads: int = Field(
+        2, ge=1, le=64, description="Hub look-ups of /v1/jobs:validate at once; more get 503 + Retry-After"
+    )
+    hub_offline: bool = Field(
+        False,
+        validation_alias=AliasChoices("MINORDPO_HUB_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"),
+        description="No model hub: /v1/jobs:validate answers a hub id with 422 at once (also HF_HUB_OFFLINE)",
+    )
 
     def token_text(self) -> str:
         """The raw `PROJECT:TOKEN` entries of API_TOKENS and API_TOKENS_FILE, newline-separated (parse with core.store)."""
@@ -95,17 +122,35 @@ class Settings(BaseSettings):
         """Files and folders of the service itself, never readable through a spec path, whatever the roots.
 
         The artifacts dir (uploads, job outputs, the webhook secret, the driver settings), the SQLite
-        database with its journal files, the token file and the local Ray head's state and log.
+        database with its journal files, the token file and the local Ray head's state, log and auth token.
         """
         from core.store.db import sqlite_file
 
-        owned = [self.artifacts_dir, self.ray_state_file, self.ray_state_file.with_suffix(".log")]
+        head = self.ray_state_file
+        owned = [self.artifacts_dir, head, head.with_suffix(".log"), head.with_name("ray-auth-token")]
         database = sqlite_file(self.database_url)
         if database is not None:
             owned += [database.with_name(database.name + s) for s in ("", "-wal", "-shm", "-journal")]
         if self.api_tokens_file is not None:
             owned.append(self.api_tokens_file)
         return [Path(os.path.realpath(p.expanduser())) for p in owned]
+
+    def data_limits(self) -> DataLimits:
+        """The dataset input limits (MAX_DATASET_BYTES, MAX_LINE_BYTES, MAX_JSON_BYTES, MAX_JSON_DEPTH)."""
+        return DataLimits(
+            max_dataset_bytes=self.max_dataset_bytes,
+            max_line_bytes=self.max_line_bytes,
+            max_json_bytes=self.max_json_bytes,
+            max_json_depth=self.max_json_depth,
+        )
+
+    @field_validator("hub_offline", mode="before")
+    @classmethod
+    def _hub_flag(cls, value: object) -> object:
+        """HF_HUB_OFFLINE's own reading: 1/ON/YES/TRUE (any case) is on, anything else (even empty) off."""
+        if isinstance(value, str):
+            return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+        return value
 
     @field_validator("webhook_secret")
     @classmethod

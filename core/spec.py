@@ -142,6 +142,21 @@ class TrainingSpec(StrictModel):
     precompute_ref_logps: bool = Field(
         True, description="One no-grad reference pass, cached on disk; else a live reference"
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Compute precision: bf16 = autocast over the weights as loaded (fp32 master weights with "
+        "model.dtype float32), log-softmax and loss in fp32; auto = bf16 on CUDA GPUs that support it, else fp32",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute decoder-layer activations in backward (non-reentrant): less memory, more compute",
+    )
+    logps_chunk_size: int = Field(
+        1024,
+        ge=1,
+        le=1_048_576,
+        description="Completion positions per LM-head chunk: [chunk, vocab] logits at a time, recomputed in backward",
+    )
 
 
 class LoraSpec(StrictModel):
@@ -161,7 +176,30 @@ class ResourcesSpec(StrictModel):
     num_workers: int = Field(1, ge=1, le=1024)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256)
+    gpus_per_worker: float = Field(
+        1.0, gt=0.0, le=64, description="GPUs each worker reserves when use_gpu (fractions share a GPU)"
+    )
+    accelerator_type: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Run only on nodes with this Ray accelerator type, e.g. H100 or A100-80G",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers' bundles across nodes"
+    )
     max_retries: int = Field(1, ge=0, le=100, description="Worker-group restarts from the last checkpoint")
+
+    def needs(self) -> dict[str, float]:
+        """The cluster resources the whole job reserves: CPUs, and GPUs when it asks for them."""
+        gpus = self.num_workers * self.gpus_per_worker if self.use_gpu else 0.0
+        return {"CPU": self.num_workers * self.cpus_per_worker, "GPU": gpus}
+
+    def worker_resources(self) -> dict[str, float]:
+        """What one worker reserves (Ray Train's resources_per_worker)."""
+        if self.use_gpu:
+            return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
+        return {"CPU": self.cpus_per_worker}
 
 
 WebhookEvent = Literal["job.started", "job.succeeded", "job.failed", "job.cancelled", "job.checkpoint"]
@@ -201,7 +239,7 @@ class JobSpec(StrictModel):
                     "name": "hh-minordpo",
                     "model": "var/models/tiny-llama",
                     "dataset": {
-                        "train": "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz",
+                        "train": "examples/data/hh-rlhf/harmless-base-test.jsonl.gz",
                         "eval_fraction": 0.05,
                     },
                     "loss": {"type": "minor_dpo", "beta": 0.1},
@@ -239,6 +277,16 @@ class JobSpec(StrictModel):
     @classmethod
     def _model_from_string(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("model")
+    @classmethod
+    def _trainable_dtype(cls, value: ModelSpec) -> ModelSpec:
+        if value.dtype == "float16":
+            raise ValueError(
+                "model.dtype float16 cannot be trained (fp16 gradients underflow without a loss scaler, "
+                "which this service does not run); use bfloat16, or float32 with training.precision bf16"
+            )
+        return value
 
 
 def error_lines(exc: ValidationError) -> list[str]:

@@ -32,6 +32,7 @@ from core.data import EncodedPair, LengthGroupedBatches, ValidationReport, prepa
 from core.losses import MetricSums, WeightedLoss, pair_metrics
 from core.models import (
     apply_lora,
+    enable_activation_checkpointing,
     is_peft,
     load_lora_checkpoint,
     load_model,
@@ -39,9 +40,10 @@ from core.models import (
 )
 from core.optim import build_optimizer, build_scheduler
 from core.packing import PackedBatch, pack_pairs
+from core.precision import allow_tf32_for_fp32, compute_dtype
 from core.reference_source import ReferenceSetup, ReferenceSource, build_reference
 from core.reporting import NullReporter, Reporter
-from core.scoring import PairScorer
+from core.scoring import PairScorer, scorer_for
 from core.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,16 @@ class Trainer:
             spec.model, allow_remote_code=allow, device=self.device, path_override=checkpoint / "model"
         )
 
+    @staticmethod
+    def _enable_checkpointing(policy: nn.Module) -> None:
+        try:
+            enable_activation_checkpointing(policy)
+        except ValueError as exc:
+            raise TrainingError(
+                "gradient_checkpointing_unsupported",
+                f"training.gradient_checkpointing is not supported by this model: {exc}",
+            ) from exc
+
     # ----- the loop -------------------------------------------------------------------------
     def run(self) -> TrainResult:
         spec, t, dist = self.spec, self.spec.training, self.dist
@@ -161,6 +173,11 @@ class Trainer:
 
         checkpoint = self._resume_checkpoint()
         policy = self._load_policy(checkpoint)
+        dtype = compute_dtype(t.precision, self.device)
+        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+        allow_tf32_for_fp32(dtype, self.device)
+        if t.gradient_checkpointing:
+            self._enable_checkpointing(policy)
         reference = build_reference(
             ReferenceSetup(
                 spec,
@@ -179,7 +196,7 @@ class Trainer:
             reporter=self.reporter,
         )
 
-        scorer = PairScorer(policy)
+        scorer = scorer_for(policy, t, self.device)
         scorer.train()
         train_scorer = dist.wrap_model(scorer) if dist.wrap_model else scorer
         optimizer = build_optimizer(scorer, t)
@@ -206,8 +223,13 @@ class Trainer:
             )
         self.reporter.event(
             "started",
-            f"training {total_steps} steps on {len(data.train)} pairs",
-            {"total_steps": total_steps, "start_step": loop.step, "train_pairs": len(data.train)},
+            f"training {total_steps} steps on {len(data.train)} pairs in {precision}",
+            {
+                "total_steps": total_steps,
+                "start_step": loop.step,
+                "train_pairs": len(data.train),
+                "precision": precision,
+            },
         )
 
         stream = _batch_stream(plan, loop.epoch, loop.batch_in_epoch)

@@ -1,4 +1,4 @@
-"""Fixtures shared by every suite: repo-relative paths to ../shared/data, a tiny model, a learnable dataset."""
+"""Fixtures shared by every suite: the data shipped in examples/data, a tiny model, a learnable dataset."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"  # CI clones the repo next to shared/
-HH_FILE = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-GPT2_FILE = SHARED / "tokenizers" / "gpt2" / "tokenizer.json"
+DATA = REPO / "examples" / "data"  # shipped with the repository (examples/data/SOURCES.md)
+HH_FILE = DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+GPT2_FILE = DATA / "tokenizers" / "gpt2" / "tokenizer.json"
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The newcomer path of the README, end to end: `make run` in the background, then the tour's commands.
 
-A copy of the working tree (as a fresh clone has it) sits beside a `shared` link, exactly as in CI, and
-reuses this checkout's virtual environment. The README block between the `newcomer-path` markers is run
+A copy of the working tree (the files a fresh clone has) sits alone in an empty temporary folder, with
+nothing beside it (no `shared/`: the repository stands alone), and reuses this checkout's virtual
+environment. The README block between the `newcomer-path` markers is run
 line by line, so the README cannot drift from what works.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO
 from tests.serving import free_port, pid_alive, wait_until_up
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -34,7 +35,7 @@ def tour_commands() -> list[str]:
 
 
 def fresh_copy(dest: Path) -> Path:
-    """The tracked and new (not ignored) files of this checkout, mtimes kept, beside a `shared` link."""
+    """The tracked and new (not ignored) files of this checkout, mtimes kept, alone in `dest`."""
     work = dest / "minordpo-service"
     files = (
         subprocess.run(
@@ -52,7 +53,6 @@ def fresh_copy(dest: Path) -> Path:
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, work / name)
     (work / ".venv").symlink_to(REPO / ".venv")  # installed already: `make` sees its stamp and skips set-up
-    (dest / "shared").symlink_to(SHARED.parent)  # tests.conftest.SHARED is shared/data
     return work
 
 
@@ -81,7 +81,7 @@ def test_make_run_then_the_readme_tour(tmp_path: Path) -> None:
             assert result.returncode == 0, f"`{command}` failed:\n{result.stdout}\n{result.stderr}"
         jobs = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", timeout=10).json()["data"]
         assert [j["status"] for j in jobs] == ["succeeded"] and jobs[0]["name"] == "hh-minordpo"
-        head = (work / "var" / "ray-head.json").read_text()
+        head = (work / "var" / "artifacts" / "ray-head.json").read_text()
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGINT)  # Ctrl-C in the terminal that runs `make run`

@@ -6,8 +6,9 @@ Each `tick()` (about once a second):
    gone (the cluster lost it) -> resubmit (Ray Train resumes from the last checkpoint of the run named
    after the job) while attempts remain, else fail with a clear error;
 2. dispatch from the head of the queue, oldest first, while `MAX_CONCURRENT_JOBS` and the cluster's
-   CPUs allow: a job that can never fit fails at once; one that must wait stays queued (its queue
-   position is served by the API) and says so once in its events.
+   CPUs and GPUs allow: a job that can never fit fails at once, naming what it needs and what the
+   cluster has; one that must wait stays queued (its queue position is served by the API) and says so
+   once in its events.
 Between passes it looks at the head of the queue every QUEUE_POLL_S and dispatches a job it has not
 seen yet at once, so a POST does not wait for the next pass (whichever process or host took it).
 The database is the source of truth; the dispatcher holds no state that a restart would lose.
@@ -52,8 +53,36 @@ SUBMIT_PATIENCE_S = 60.0
 """How long Ray may refuse a submission (e.g. its job agent still starting) before the job fails."""
 
 
-def cpus_needed(spec: JobSpec) -> float:
-    return spec.resources.num_workers * spec.resources.cpus_per_worker
+#: How each resource a job reserves is named in messages: (plural, how the spec asks for it).
+RESOURCE_WORDS = {
+    "CPU": ("CPUs", "resources.num_workers x cpus_per_worker"),
+    "GPU": ("GPUs", "resources.num_workers x gpus_per_worker, with use_gpu"),
+}
+Capacity = dict[str, float]
+
+
+def needs(spec: JobSpec) -> Capacity:
+    """What a job reserves on the cluster while it runs."""
+    return spec.resources.needs()
+
+
+def never_fits(need: Capacity, total: Capacity) -> str | None:
+    """Why a job can never run on this cluster (the first resource it needs more of than exists), or None."""
+    for name, (plural, asked) in RESOURCE_WORDS.items():
+        if need.get(name, 0.0) > total.get(name, 0.0):
+            return (
+                f"the job needs {need[name]:g} {plural} ({asked}) "
+                f"but the cluster has {total.get(name, 0.0):g} in all"
+            )
+    return None
+
+
+def must_wait(need: Capacity, free: Capacity) -> str | None:
+    """What a job waits for (the first resource not free enough now), or None."""
+    for name, (plural, _asked) in RESOURCE_WORDS.items():
+        if need.get(name, 0.0) > free.get(name, 0.0) + 1e-9:
+            return f"waiting for {need[name]:g} free {plural} ({free.get(name, 0.0):g} free now)"
+    return None
 
 
 @dataclass
@@ -102,14 +131,18 @@ class Dispatcher:
         db: Database,
         ray_jobs: RayJobs,
         *,
-        capacity_cpus: Callable[[], float],
+        capacity: Callable[[], Capacity],
         max_concurrent: int,
         driver_env: DriverEnv,
         worker_id: str | None = None,
+        ray_source: Callable[[], RayJobs] | None = None,
     ) -> None:
+        """`ray_source`: asked at each pass for the Jobs API to use (the service's, which replaces a dead
+        local head); jobs whose Ray job the new cluster does not know are then resubmitted as lost."""
         self.db = db
         self.ray = ray_jobs
-        self.capacity_cpus = capacity_cpus
+        self.ray_source = ray_source
+        self.capacity = capacity
         self.max_concurrent = max_concurrent
         self.driver_env = driver_env
         self.driver_env_file: Path | None = None
@@ -120,6 +153,8 @@ class Dispatcher:
 
     # ----- one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
+        if self.ray_source is not None:
+            self.ray = self.ray_source()
         with self.db.read() as s:
             running = active_jobs(s)
         for job in running:
@@ -217,22 +252,21 @@ class Dispatcher:
             if not head or len(running) >= self.max_concurrent:
                 return
             job = head[0]
-            need = cpus_needed(JobSpec.model_validate(job.spec))
-            total = self.capacity_cpus()
-            if need > total:
+            need = needs(JobSpec.model_validate(job.spec))
+            total = self.capacity()
+            reason = never_fits(need, total)
+            if reason is not None:
                 with self.db.write() as s:
-                    transition(
-                        s, job.id, "failed",
-                        error=JobError("insufficient_resources",
-                                       f"the job needs {need:g} CPUs (resources.num_workers x cpus_per_worker) "
-                                       f"but the cluster has {total:g} in all"),
-                    )  # fmt: skip
+                    transition(s, job.id, "failed", error=JobError("insufficient_resources", reason))
                 continue
-            in_use = sum(cpus_needed(JobSpec.model_validate(j.spec)) for j in running)
-            if need > total - in_use:
+            free = dict(total)
+            for other in running:
+                for name, amount in needs(JobSpec.model_validate(other.spec)).items():
+                    free[name] = free.get(name, 0.0) - amount
+            waiting = must_wait(need, free)
+            if waiting is not None:
                 with self.db.write() as s:
-                    append_event(s, job.id, "waiting", f"waiting for {need:g} free CPUs ({total - in_use:g} free now)",
-                                 dedup_key="waiting")  # fmt: skip
+                    append_event(s, job.id, "waiting", waiting, dedup_key="waiting")
                 return
             with self.db.write() as s:
                 claimed = claim_queued(s, 1, self.worker_id, max_running=self.max_concurrent)

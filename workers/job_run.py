@@ -17,16 +17,16 @@ from typing import Any, Literal
 import ray
 
 from core.spec import JobSpec
+from workers.conventions import CANCEL_FILE, RUN_ENV, job_output_dir
 from workers.job_channel import JobChannel
 
 DRAIN_WAIT_S = 0.5
 """The longest one drain of the channel waits for a row (it returns at once when one comes); also how
 long after the fit task ends the driver may take to notice."""
-CANCEL_FILE = "CANCEL"
-"""A file of this name in the job's output dir asks the run to stop (checked by rank 0 before each step)."""
-RUN_ENV = {"MINORDPO_RUN": "1"}
-"""The runtime_env env_vars of the task that runs fit(): its warm process imports workers.ray_job, and
-Ray Train's controller and workers, started from it, inherit the variable (workers/warm_pool.py)."""
+
+RUN_END_KINDS = frozenset({"completed", "cancelled"})
+"""Events that close a run (the loop's last word): the driver forwards them after every other row of the run,
+since rank 0 sends events straight to the channel while its last checkpoint arrives later, through Ray Train."""
 
 OnMetrics = Callable[[int, dict[str, float]], None]
 OnEvent = Callable[[str, str, dict[str, Any]], None]
@@ -52,11 +52,6 @@ class JobOutcome:
         return {"code": self.error_code, "message": self.error_message or ""}
 
 
-def job_output_dir(artifacts_dir: Path, job_id: str) -> Path:
-    """Where the core loop writes a job's checkpoints and final model (final/ in HF format)."""
-    return artifacts_dir / "jobs" / job_id
-
-
 def request_cancel(artifacts_dir: Path, job_id: str) -> None:
     """Ask a running job to stop at its next step (it saves a checkpoint and ends `cancelled`).
 
@@ -73,7 +68,8 @@ def clear_cancel(artifacts_dir: Path, job_id: str) -> None:
 
 
 class _Forwarder:
-    """Applies channel items to the on_* callables, dropping metric rows replayed after a resume."""
+    """Applies channel items to the on_* callables, dropping metric rows replayed after a resume and holding
+    the run's closing event (RUN_END_KINDS) until `finish()`."""
 
     def __init__(
         self,
@@ -87,9 +83,13 @@ class _Forwarder:
         self.last_checkpoint_step = skip_through_step - 1
         self.latest_checkpoint: str | None = None
         self.max_step = 0
+        self.held: list[dict[str, Any]] = []
 
     def __call__(self, item: dict[str, Any]) -> None:
         kind = item.get("type")
+        if kind == "event" and item["kind"] in RUN_END_KINDS:
+            self.held.append(item)
+            return
         if kind == "event":
             self.on_event(item["kind"], item["message"], item.get("data") or {})
             return
@@ -104,6 +104,12 @@ class _Forwarder:
         if step > self.last_step.get(family, 0):
             self.last_step[family] = step
             self.on_metrics(step, values)
+
+    def finish(self) -> None:
+        """Forward the held closing events: the run has ended and every other row is in."""
+        held, self.held = self.held, []
+        for item in held:
+            self.on_event(item["kind"], item["message"], item.get("data") or {})
 
 
 def _fit(
@@ -149,6 +155,7 @@ def run_job(
                 forward(item)
             if finished:
                 break
+        forward.finish()
         summary = ray.get(done)
     finally:
         ray.kill(channel)

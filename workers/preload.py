@@ -13,16 +13,18 @@ in such a process took 0.37 s instead of 0.12 s every second time, for a collect
 import gc
 import os
 
-if os.environ.get("MINORDPO_TRAIN_WORKER"):
+from workers.conventions import RUN_MARKER, TRAIN_WORKER_VAR
+
+if os.environ.get(TRAIN_WORKER_VAR):
     import peft  # noqa: F401
     import torch.distributed.tensor  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import workers.ray_job  # noqa: F401  (and with it workers.train_worker)
-elif os.environ.get("MINORDPO_RUN"):
+elif os.environ.get(RUN_MARKER):
     import workers.ray_job  # noqa: F401
 
-if os.environ.get("MINORDPO_TRAIN_WORKER") or os.environ.get("MINORDPO_RUN"):
+if os.environ.get(TRAIN_WORKER_VAR) or os.environ.get(RUN_MARKER):
     gc.collect()
     gc.freeze()

@@ -19,9 +19,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # Ray 2.60; see JobTrainer
 
 from core.spec import JobSpec
-from workers.job_run import job_output_dir
+from workers.conventions import TRAIN_WORKER_MARKER, job_output_dir
 from workers.train_worker import FatalJobError, train_loop_per_worker
-from workers.warm_pool import TRAIN_WORKER_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,9 @@ def build_trainer(
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.use_gpu,
-            resources_per_worker={"CPU": res.cpus_per_worker},
+            resources_per_worker=res.worker_resources(),
+            placement_strategy=res.placement_strategy,
+            accelerator_type=res.accelerator_type,
         ),
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         run_config=RunConfig(

@@ -1,4 +1,10 @@
-"""The dispatcher as a service: connect to Ray (our local head, or RAY_ADDRESS), run the loop on a thread, stop cleanly."""
+"""The dispatcher as a service: connect to Ray (our local head, or RAY_ADDRESS), run the loop on a thread, stop cleanly.
+
+Our local head is checked before each dispatcher pass (at most every HEAD_CHECK_S): when its `ray start`
+process or its GCS is gone, a new head is started (on the same ports where it can), and the jobs that
+ran on the old one are resubmitted from their checkpoints by the dispatcher's reconciliation (or fail
+with `worker_lost` once their retries are spent).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from core.settings import Settings
 from core.store import Database, active_jobs
@@ -15,7 +22,7 @@ from workers.ray_control import (
     LocalHead,
     RayJobs,
     RayUnavailableError,
-    cluster_cpus,
+    cluster_resources,
     jobs_api_reachable,
     local_head_environment,
     start_local_head,
@@ -25,6 +32,10 @@ from workers.warm_pool import WarmPool, idle_cores, job_pool_kinds, should_hold
 from workers.webhooks import WebhookSender
 
 log = logging.getLogger("workers.service")
+HEAD_CHECK_S = 2.0
+CAPACITY_TTL_S = 30.0
+"""How long the cluster's CPU and GPU totals are trusted before Ray is asked again."""
+"""How often the dispatcher thread checks that our local head still runs."""
 
 
 class DispatcherService:
@@ -39,23 +50,32 @@ class DispatcherService:
         self._thread: threading.Thread | None = None
         self._webhook_thread: threading.Thread | None = None
         self._pool_thread: threading.Thread | None = None
+        self._pool_stop = threading.Event()
+        self._next_head_check = 0.0
         self.warm_pool: WarmPool | None = None
         self.webhooks: WebhookSender | None = None
 
-    def _capacity(self) -> Callable[[], float]:
-        if self.head is not None:
-            cpus = float(self.head.num_cpus)
-            return lambda: cpus
-        jobs = self.ray_jobs
-        assert jobs is not None
-        cached: dict[str, float] = {}
+    def _capacity(self) -> Callable[[], dict[str, float]]:
+        """The cluster's CPUs and GPUs as Ray reports them, asked at most every 30 s (the local head's
+        CPUs are the ones it was started with)."""
+        cached: dict[str, Any] = {}
 
-        def remote_cpus() -> float:
-            if "cpus" not in cached or time.monotonic() - cached["at"] > 30:
-                cached.update(cpus=cluster_cpus(jobs), at=time.monotonic())
-            return cached["cpus"]
+        def capacity() -> dict[str, float]:
+            if "value" not in cached or time.monotonic() - cached["at"] > CAPACITY_TTL_S:
+                assert self.ray_jobs is not None
+                try:
+                    value = cluster_resources(self.ray_jobs)
+                except RayUnavailableError:
+                    if self.head is None:
+                        raise
+                    # a head still registering its node: its CPUs are known, and GPUs are asked again next time
+                    return {"CPU": float(self.head.num_cpus), "GPU": 0.0}
+                if self.head is not None:
+                    value["CPU"] = float(self.head.num_cpus)
+                cached.update(value=value, at=time.monotonic())
+            return dict(cached["value"])
 
-        return remote_cpus
+        return capacity
 
     def connect(self) -> None:
         """Start (or reuse) the local head, or reach RAY_ADDRESS's Jobs API."""
@@ -63,11 +83,7 @@ class DispatcherService:
             address = self.settings.ray_address
             log.info("using the Ray cluster at %s", address)
         else:
-            self.head = start_local_head(
-                self.settings.ray_state_file,
-                num_cpus=self.settings.ray_num_cpus,
-                preload=self.settings.ray_warm_workers > 0,
-            )
+            self.head = self._start_head()
             address = self.head.dashboard_url
             log.info(
                 "local Ray head %s (%d CPUs), dashboard on loopback",
@@ -75,6 +91,40 @@ class DispatcherService:
                 self.head.num_cpus,
             )
         self.ray_jobs = RayJobs(address)
+
+    def _start_head(self, ports: dict[str, int] | None = None) -> LocalHead:
+        return start_local_head(
+            self.settings.ray_state_file,
+            num_cpus=self.settings.ray_num_cpus,
+            preload=self.settings.ray_warm_workers > 0,
+            ports=ports,
+        )
+
+    def current_ray_jobs(self) -> RayJobs:
+        """The Jobs API for the next dispatcher pass: our local head's, replaced first when it has died."""
+        assert self.ray_jobs is not None
+        head = self.head
+        if head is None or time.monotonic() < self._next_head_check:
+            return self.ray_jobs
+        self._next_head_check = time.monotonic() + HEAD_CHECK_S
+        if not head.running():
+            self._replace_head(head)
+        return self.ray_jobs
+
+    def _replace_head(self, dead: LocalHead) -> None:
+        """Start a new local head in place of `dead` (tried again at the next check when it fails)."""
+        log.error("the local Ray head (pid %d) is gone; starting a new one", dead.pid)
+        self._pool_stop.set()  # the warm pool of the old head's raylet
+        try:
+            head = self._start_head(ports=dead.ports)
+            ray_jobs = RayJobs(head.dashboard_url)
+        except RayUnavailableError as exc:
+            log.error("could not start a new local Ray head: %s", exc)
+            return
+        self.head, self.ray_jobs = head, ray_jobs
+        log.warning("new local Ray head %s (pid %d); jobs that ran on the old one are resubmitted",
+                    head.gcs_address, head.pid)  # fmt: skip
+        self.start_warm_pool()
 
     def ready(self) -> None:
         """Readiness check: raises when Ray's Jobs API does not answer."""
@@ -88,9 +138,10 @@ class DispatcherService:
         dispatcher = Dispatcher(
             self.db,
             self.ray_jobs,
-            capacity_cpus=self._capacity(),
+            capacity=self._capacity(),
             max_concurrent=self.settings.max_concurrent_jobs,
             driver_env=DriverEnv.from_settings(self.settings),
+            ray_source=self.current_ray_jobs,
         )
         self._thread = threading.Thread(
             target=dispatcher.run,
@@ -109,9 +160,10 @@ class DispatcherService:
             return
         kinds = job_pool_kinds(local_head_environment(preload=True), train_workers=wanted)
         self.warm_pool = WarmPool(head.node_manager_port, kinds)
+        self._pool_stop = threading.Event()
         self._pool_thread = threading.Thread(
             target=self.warm_pool.run,
-            args=(self._stop, 1.0, self._pool_should_wait),
+            args=(self._pool_stop, 1.0, self._pool_should_wait),
             name="warm-pool",
             daemon=True,
         )
@@ -151,6 +203,7 @@ class DispatcherService:
     def stop(self) -> None:
         """Stop the loop; stop our local head too when configured (running jobs resume from checkpoints later)."""
         self._stop.set()
+        self._pool_stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         for thread in (self._webhook_thread, self._pool_thread):

@@ -17,7 +17,7 @@ from core.data import DatasetError
 from core.models import ModelLoadError
 from core.spec import JobSpec
 from core.training import Distributed, RunOptions, Trainer, TrainingError
-from workers.job_run import CANCEL_FILE
+from workers.conventions import CANCEL_FILE
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from workers.conventions import RUN_ENV, TRAIN_WORKER_MARKER
+
 log = logging.getLogger("workers.warm_pool")
 
-TRAIN_WORKER_MARKER = {"MINORDPO_TRAIN_WORKER": "1"}
-"""Set on Train worker processes (RunConfig.worker_runtime_env): workers.preload imports the whole
-training stack only where this is set."""
 KEEP_ALIVE_S = 3600
 """How long the raylet keeps a warm process it started for us, idle; we start another after that."""
 APPEAR_TIMEOUT_S = 5.0
@@ -91,8 +90,6 @@ def supervisor_runtime_env() -> str:
 
 def job_pool_kinds(head_env: Mapping[str, str], train_workers: int) -> list[PoolKind]:
     """What one job with `train_workers` Train workers takes, for drivers whose environment is `head_env`."""
-    from workers.job_run import RUN_ENV
-
     env_vars = {**train_env_vars(head_env), **RUN_ENV}
     worker_vars = {**env_vars, **TRAIN_WORKER_MARKER}
     return [

@@ -19,7 +19,7 @@ router = APIRouter(
         for code, text in {
             401: "Missing or invalid bearer token",
             404: "No such dataset",
-            413: "Upload larger than MINORDPO_MAX_UPLOAD_BYTES",
+            413: "Upload larger than MINORDPO_MAX_UPLOAD_BYTES, or than MAX_DATASET_BYTES once decompressed",
             422: "Not a usable preference file: `errors` lists the bad lines",
         }.items()
     },
@@ -55,7 +55,9 @@ async def upload_dataset(
     request: Request, response: Response, db: DbDep, settings: SettingsDep, principal: PrincipalDep
 ) -> DatasetOut:
     """Stored by content (`ds_<sha256 prefix>`); reference the id from a spec's dataset.train or dataset.eval."""
-    out, created = await service.upload(request, db, principal, settings.artifacts_dir)
+    out, created = await service.upload(
+        request, db, principal, settings.artifacts_dir, settings.data_limits()
+    )
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/datasets/{out.id}"

@@ -19,7 +19,7 @@ PROBLEMS = {
     for code, text in {
         401: "Missing or invalid bearer token",
         404: "No such job (or it belongs to another project)",
-        413: "Request body too large",
+        413: "Request body too large (`:validate`: the dataset file over MINORDPO_MAX_DATASET_BYTES)",
         422: "Invalid spec or parameters: `errors` names each field",
     }.items()
 }
@@ -63,13 +63,24 @@ def create_job(
     return job
 
 
-@router.post("/jobs:validate", response_model=ValidationOut, summary="Dry run: check a spec and its dataset")
+@router.post(
+    "/jobs:validate",
+    response_model=ValidationOut,
+    summary="Dry run: check a spec and its dataset",
+    responses={
+        503: {
+            "model": Problem,
+            "content": {PROBLEM_JSON: {}},
+            "description": "Every slot for loading a tokenizer from the hub is busy: retry after Retry-After seconds",
+        }
+    },
+)
 def validate_job(
     spec: JobSpec, request: Request, db: DbDep, settings: SettingsDep, principal: PrincipalDep
 ) -> ValidationOut:
     """Check the spec, the path policy and the dataset (rows, bad lines, token lengths, truncation) without queuing."""
     checked = check_spec(spec, settings, service.spec_lookups(db, principal))
-    return validate_spec(checked, request.app.state.tokenizers)
+    return validate_spec(checked, request.app.state.tokenizers, settings.data_limits())
 
 
 @router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")

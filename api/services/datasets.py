@@ -12,7 +12,8 @@ from starlette.datastructures import UploadFile
 from api.errors import BodyTooLarge, ProblemError, not_found
 from api.services.auth import Principal
 from api.services.uploads import Upload, UploadCheck, checked_copy, finalise, receive_file, receive_stream
-from core.data.errors import DatasetError
+from core.data.errors import TOO_LARGE, DatasetError
+from core.data.limits import DEFAULT_LIMITS, DataLimits
 from core.schemas import DatasetOut, UploadReport
 from core.store import Database, Dataset, get_dataset, register_dataset
 
@@ -76,8 +77,22 @@ def _reject_rows(check: UploadCheck) -> ProblemError:
     )
 
 
+def unreadable(exc: DatasetError) -> ProblemError:
+    """413 for an uploaded file over a size limit, else 422 naming the line where there is one."""
+    msg = exc.reason if exc.line is None else f"line {exc.line}: {exc.reason}"
+    status = 413 if exc.kind == TOO_LARGE else 422
+    loc = "body" if exc.line is None else f"line {exc.line}"
+    return ProblemError(
+        status, f"The uploaded file cannot be read: {msg}", errors=[{"loc": loc, "msg": exc.reason}]
+    )
+
+
 async def upload(
-    request: Request, db: Database, principal: Principal, artifacts_dir: Path
+    request: Request,
+    db: Database,
+    principal: Principal,
+    artifacts_dir: Path,
+    limits: DataLimits = DEFAULT_LIMITS,
 ) -> tuple[DatasetOut, bool]:
     """Receive, check and store an upload; returns (dataset, created). 422 with per-line errors if unusable."""
     folder = datasets_dir(artifacts_dir)
@@ -86,12 +101,9 @@ async def upload(
         if received.size == 0:
             raise ProblemError(422, "The upload is empty", errors=[{"loc": "body", "msg": "empty"}])
         try:
-            _named, check = await run_in_threadpool(checked_copy, received)
+            _named, check = await run_in_threadpool(checked_copy, received, limits)
         except DatasetError as exc:
-            msg = exc.reason if exc.line is None else f"line {exc.line}: {exc.reason}"
-            raise ProblemError(
-                422, f"The uploaded file cannot be read: {msg}", errors=[{"loc": "body", "msg": msg}]
-            ) from exc
+            raise unreadable(exc) from exc
         if check.rows_valid == 0:
             raise _reject_rows(check)
         target = await run_in_threadpool(finalise, received, folder)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -12,12 +14,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from core.data.errors import DatasetError, RowError
-from core.data.formats import detect_format, normalise
+from core.data.formats import check_row
+from core.data.limits import DEFAULT_LIMITS, DataLimits
 from core.data.readers import read_rows
 
 SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".ndjson", ".json", ".parquet")
 MAX_LISTED_ERRORS = 100
 _CHUNK = 1024 * 1024
+TEMP_PREFIX = ".upload-"
+STALE_UPLOAD_S = 3600.0  # a temporary upload untouched this long is an orphan, whoever made it
 
 
 @dataclass
@@ -83,7 +88,7 @@ class _Sink:
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".upload-", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(), dir=folder)
         self.path = Path(name)
         self.fh: IO[bytes] = os.fdopen(fd, "wb")
         self.digest = hashlib.sha256()
@@ -133,17 +138,65 @@ def receive_file(source: IO[bytes], folder: Path, filename: str | None) -> Uploa
     return sink.finish(filename)
 
 
-def check_rows(path: Path) -> UploadCheck:
-    """Read every row; count usable ones per format and list the first bad lines (DatasetError if unreadable)."""
+def _temp_prefix() -> str:
+    """`.upload-<host>-<pid>-`: start-up clean-up tells a dead process's file from a live upload's."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:40] or "host"
+    return f"{TEMP_PREFIX}{host}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _orphaned(path: Path, host: str, now: float) -> bool:
+    parts = path.name[len(TEMP_PREFIX) :].split("-", 2)
+    if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and int(parts[1]) != os.getpid():
+        return not _pid_alive(int(parts[1]))
+    return now - path.stat().st_mtime > STALE_UPLOAD_S
+
+
+def remove_orphaned_uploads(folder: Path) -> list[Path]:
+    """Delete temporary upload files that no upload will finish; returns what was removed.
+
+    Run at start-up: a file made on this host by a process that is gone (a killed server) is removed at
+    once; any other (another host sharing the folder, an old name) once untouched for STALE_UPLOAD_S.
+    A live upload, of this process or another server's, is left alone.
+    """
+    if not folder.is_dir():
+        return []
+    host = _temp_prefix()[len(TEMP_PREFIX) :].split("-", 1)[0]
+    now, removed = time.time(), []
+    for path in folder.glob(f"{TEMP_PREFIX}*"):
+        try:
+            if path.is_file() and _orphaned(path, host, now):
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # finished or removed meanwhile
+            continue
+    return removed
+
+
+def check_rows(path: Path, limits: DataLimits = DEFAULT_LIMITS) -> UploadCheck:
+    """Read every row and apply the loop's row checks that need no tokenizer (core.data.formats.check_row).
+
+    As in the loop's auto mode, the first usable row fixes the format for the rest. Counts usable rows
+    and lists the first bad lines; DatasetError if the file is unreadable or over ``limits``.
+    """
     check = UploadCheck()
-    for line, row in read_rows(path):
+    locked: str | None = None
+    for line, row in read_rows(path, limits):
         check.rows_total += 1
         try:
             if isinstance(row, RowError):
                 raise row
-            fmt = detect_format(row)
-            if fmt in ("standard", "implicit_prompt"):
-                normalise(row, fmt)
+            fmt, _ = check_row(row, locked or "auto")
+            locked = fmt
         except RowError as err:
             check.rows_invalid += 1
             if len(check.errors) < MAX_LISTED_ERRORS:
@@ -164,13 +217,13 @@ def finalise(upload: Upload, folder: Path) -> Path:
     return target
 
 
-def checked_copy(upload: Upload) -> tuple[Path, UploadCheck]:
+def checked_copy(upload: Upload, limits: DataLimits = DEFAULT_LIMITS) -> tuple[Path, UploadCheck]:
     """Give the temp file the suffix the reader needs, check it; the caller finalises or deletes it."""
     named = upload.tmp_path.with_name(upload.tmp_path.name + upload.suffix)
     os.replace(upload.tmp_path, named)
     upload.tmp_path = named
     try:
-        return named, check_rows(named)
+        return named, check_rows(named, limits)
     except DatasetError:
         raise
     except (OSError, ValueError) as exc:  # a reader choking on a file that is not what it claims to be

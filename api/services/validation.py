@@ -9,8 +9,10 @@ from collections import OrderedDict
 from typing import Any
 
 from api.errors import ProblemError
+from api.services.hub_loads import HubLoads
 from api.services.specs import CheckedSpec
-from core.data.errors import DatasetError
+from core.data.errors import TOO_LARGE, DatasetError
+from core.data.limits import DEFAULT_LIMITS, DataLimits
 from core.schemas import ValidationOut
 from core.spec import JobSpec
 
@@ -18,10 +20,12 @@ log = logging.getLogger("api.validate")
 
 
 class TokenizerCache:
-    """A few loaded tokenizers, keyed by path, revision and the folder's modification time."""
+    """A few loaded tokenizers, keyed by path, revision and the folder's modification time; hub ids load
+    through `hub` (threads of their own, a deadline, the offline switch)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, hub: HubLoads) -> None:
         self.size = size
+        self.hub = hub
         self._items: OrderedDict[tuple[str, str | None, float], Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -32,7 +36,13 @@ class TokenizerCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        tokenizer = load_tokenizer(path, revision if is_hub_id else None)
+        if is_hub_id:
+            self.hub.refuse_offline(path)
+            from transformers import AutoTokenizer  # noqa: F401 - imported here, not within the hub's deadline
+
+            tokenizer = self.hub.run(path, lambda: load_tokenizer(path, revision))
+        else:
+            tokenizer = load_tokenizer(path, None)
         if self.size:
             with self._lock:
                 self._items[key] = tokenizer
@@ -42,7 +52,7 @@ class TokenizerCache:
 
 
 def load_tokenizer(path: str, revision: str | None) -> Any:
-    """AutoTokenizer from a local folder (or a hub id where the network allows); never remote code."""
+    """AutoTokenizer from a local folder (or a hub id: call it through HubLoads); never remote code."""
     from transformers import AutoTokenizer
 
     try:
@@ -57,11 +67,14 @@ def load_tokenizer(path: str, revision: str | None) -> Any:
 
 def _dataset_problem(exc: DatasetError, spec: JobSpec) -> ProblemError:
     field = "dataset.eval" if spec.dataset.eval and exc.path == spec.dataset.eval else "dataset.train"
-    return ProblemError(422, f"{field}: {exc}", errors=[{"loc": field, "msg": str(exc)}])
+    status = 413 if exc.kind == TOO_LARGE else 422  # a file over MAX_DATASET_BYTES or MAX_JSON_BYTES
+    return ProblemError(status, f"{field}: {exc}", errors=[{"loc": field, "msg": str(exc)}])
 
 
-def validate_spec(checked: CheckedSpec, tokenizers: TokenizerCache) -> ValidationOut:
-    """Run the dataset checks for a policy-checked spec (blocking: call it in a thread)."""
+def validate_spec(
+    checked: CheckedSpec, tokenizers: TokenizerCache, limits: DataLimits = DEFAULT_LIMITS
+) -> ValidationOut:
+    """Run the dataset checks for a policy-checked spec within ``limits`` (blocking: call it in a thread)."""
     from core.data import prepare_data
 
     spec, resolved = checked.original, checked.resolved
@@ -73,6 +86,7 @@ def validate_spec(checked: CheckedSpec, tokenizers: TokenizerCache) -> Validatio
             spec.training.max_length,
             spec.training.seed,
             resolve_path=lambda value: checked.paths.get(value, value),
+            limits=limits,
         )
     except DatasetError as exc:
         raise _dataset_problem(exc, spec) from exc

@@ -14,6 +14,10 @@ NO_ROOM: Final = "no_room"
 
 ROW_ERROR_KINDS: Final = (INVALID_JSON, MISSING_FIELD, EMPTY_FIELD, IDENTICAL, WRONG_SHAPE, NO_ROOM)
 
+# Kinds of a fatal DatasetError for a file over a DataLimits limit (the API answers 413 and 422).
+TOO_LARGE: Final = "too_large"
+LINE_TOO_LONG: Final = "line_too_long"
+
 
 class RowError(ValueError):
     """One row cannot be used. ``reason`` is the human message, ``kind`` one of ROW_ERROR_KINDS."""

@@ -10,6 +10,7 @@ from core.data.errors import EMPTY_FIELD, IDENTICAL, MISSING_FIELD, WRONG_SHAPE,
 FORMATS = ("standard", "conversational", "implicit_prompt", "openai")
 ASSISTANT_MARKER = "\n\nAssistant:"
 _OPENAI_KEYS = ("input", "preferred_output", "non_preferred_output")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 Messages = list[dict[str, Any]]
 
@@ -21,6 +22,15 @@ class PreferenceText:
     prompt: str
     chosen: str
     rejected: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPair:
+    """A chat-format row whose messages passed every check but rendering: prompt, chosen and rejected turns."""
+
+    prompt: Messages
+    chosen: Messages
+    rejected: Messages
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -49,6 +59,19 @@ def normalise(row: dict[str, Any], fmt: str, tokenizer: Any = None) -> Preferenc
     ``tokenizer`` is needed only for the chat formats (conversational, openai); a tokenizer
     without a chat template there is a DatasetError (the whole dataset cannot be used).
     """
+    _, checked = check_row(row, fmt)
+    if isinstance(checked, ChatPair):
+        return _checked(render_chat(checked.prompt, checked.chosen, checked.rejected, tokenizer))
+    return checked
+
+
+def check_row(row: dict[str, Any], fmt: str = "auto") -> tuple[str, PreferenceText | ChatPair]:
+    """Every check of ``normalise`` that needs no tokenizer: ``(format, text)``, or RowError.
+
+    Plain formats come back as their PreferenceText; chat formats as a ChatPair of checked messages
+    (lists of {role, content} with a role in CHAT_ROLES and non-empty string content), which only
+    the chat template can turn into text. Uploads, which have no tokenizer, check rows with this.
+    """
     detected = detect_format(row)
     if fmt == "auto":
         fmt = detected
@@ -62,13 +85,13 @@ def normalise(row: dict[str, Any], fmt: str, tokenizer: Any = None) -> Preferenc
         )
     if fmt == "standard":
         text = PreferenceText(_text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected"))
-    elif fmt == "implicit_prompt":
-        text = _implicit(row)
-    elif fmt == "conversational":
-        text = _conversational(row, tokenizer)
-    else:
-        text = _openai(row, tokenizer)
-    return _checked(text)
+        return fmt, _checked(text)
+    if fmt == "implicit_prompt":
+        return fmt, _checked(_implicit(row))
+    chat = _conversational(row) if fmt == "conversational" else _openai(row)
+    if chat.chosen == chat.rejected:
+        raise RowError("chosen and rejected are identical", IDENTICAL)
+    return fmt, chat
 
 
 def _checked(text: PreferenceText) -> PreferenceText:
@@ -150,6 +173,12 @@ def _messages(value: Any, label: str) -> Messages:
     for i, msg in enumerate(value, start=1):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or "content" not in msg:
             raise RowError(f"wrong shape: {label} message {i} is not a {{role, content}} object", WRONG_SHAPE)
+        if msg["role"] not in CHAT_ROLES:
+            raise RowError(
+                f"wrong shape: {label} message {i} has role {msg['role'][:40]!r}; "
+                f"expected one of {', '.join(CHAT_ROLES)}",
+                WRONG_SHAPE,
+            )
         content = msg["content"]
         if content is not None and not isinstance(content, str):
             raise RowError(f"wrong shape: {label} message {i} content is not a string", WRONG_SHAPE)
@@ -158,7 +187,7 @@ def _messages(value: Any, label: str) -> Messages:
     return value
 
 
-def _conversational(row: dict[str, Any], tokenizer: Any) -> PreferenceText:
+def _conversational(row: dict[str, Any]) -> ChatPair:
     if row.get("prompt") is not None:
         prompt = _messages(row["prompt"], "prompt")
         chosen, rejected = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
@@ -173,10 +202,10 @@ def _conversational(row: dict[str, Any], tokenizer: Any) -> PreferenceText:
         for label, part in (("chosen", chosen), ("rejected", rejected)):
             if not part:
                 raise RowError(f"empty field '{label}' (no messages after the shared prompt)", EMPTY_FIELD)
-    return render_chat(prompt, chosen, rejected, tokenizer)
+    return ChatPair(prompt, chosen, rejected)
 
 
-def _openai(row: dict[str, Any], tokenizer: Any) -> PreferenceText:
+def _openai(row: dict[str, Any]) -> ChatPair:
     source = row.get("input")
     if source is None:
         raise RowError("missing field 'input'", MISSING_FIELD)
@@ -185,7 +214,7 @@ def _openai(row: dict[str, Any], tokenizer: Any) -> PreferenceText:
     prompt = _messages(source.get("messages"), "input.messages")
     chosen = _messages(row.get("preferred_output"), "preferred_output")
     rejected = _messages(row.get("non_preferred_output"), "non_preferred_output")
-    return render_chat(prompt, chosen, rejected, tokenizer)
+    return ChatPair(prompt, chosen, rejected)
 
 
 def require_chat_template(tokenizer: Any) -> None:

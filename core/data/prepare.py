@@ -16,11 +16,14 @@ import torch
 from core.data.encode import EncodedPair, RawLengths, encode_batch
 from core.data.errors import DatasetError, RowError
 from core.data.formats import PreferenceText, detect_format, normalise, require_chat_template
+from core.data.limits import DEFAULT_LIMITS, DataLimits
 from core.data.readers import read_rows
 from core.data.report import MAX_SKIPPED_LISTED, LengthStats, SkippedRow, TokenLengths, ValidationReport
 
 FINGERPRINT_VERSION = "minordpo-data-v1"
 _ENCODE_CHUNK = 512
+# Text handed to one tokenizer call, whatever the row count: tokenizing takes ~150 bytes per byte of text.
+_ENCODE_CHUNK_CHARS = 4 * 1024 * 1024
 _CHAT_FORMATS = ("conversational", "openai")
 
 
@@ -53,6 +56,7 @@ def _load(
     truncate_prompt: bool,
     fail: bool,
     max_rows: int | None,
+    limits: DataLimits = DEFAULT_LIMITS,
 ) -> _Loaded:
     """Read one file; in auto mode the first row that normalises cleanly fixes the format for the rest."""
     locked = None if fmt == "auto" else fmt
@@ -61,8 +65,11 @@ def _load(
     out = _Loaded(shown=source, format=locked or "auto")
     texts: list[PreferenceText] = []
     lines: list[int] = []
+    pending_chars = 0
 
     def flush() -> None:
+        nonlocal pending_chars
+        pending_chars = 0
         results = (
             encode_batch(texts, tokenizer, max_length, truncate_prompt=truncate_prompt, lines=lines)
             if texts
@@ -80,7 +87,7 @@ def _load(
             line, err = min(out.errors, key=lambda item: item[0])
             raise DatasetError.from_row(err, path=source, line=line)
 
-    for line, row in read_rows(path):
+    for line, row in read_rows(path, limits):
         if isinstance(row, RowError):
             out.errors.append((line, row))
         else:
@@ -93,7 +100,8 @@ def _load(
             else:
                 texts.append(text)
                 lines.append(line)
-        if (fail and out.errors) or len(texts) >= _ENCODE_CHUNK:
+                pending_chars += len(text.prompt) + len(text.chosen) + len(text.rejected)
+        if (fail and out.errors) or len(texts) >= _ENCODE_CHUNK or pending_chars >= _ENCODE_CHUNK_CHARS:
             flush()
         if max_rows is not None and len(out.pairs) + len(texts) >= max_rows:
             flush()
@@ -234,17 +242,32 @@ def prepare_data(
     seed: int,
     *,
     resolve_path: Callable[[str], str | Path] | None = None,
+    limits: DataLimits = DEFAULT_LIMITS,
 ) -> PreparedData:
     """Read and encode ``spec.train`` (and ``spec.eval``), honouring format, on_bad_row, max_rows and the eval split.
 
     ``spec`` is a core.spec.DatasetSpec. ``resolve_path`` maps a spec path or uploaded dataset id to a
     local path (default: the string as given, relative to the working directory); errors name the
-    string from the spec. Raises DatasetError for a missing or unreadable file, a file with no usable
-    rows, a tokenizer that cannot render chat data, or (on_bad_row="fail") the first bad row.
+    string from the spec. Raises DatasetError for a missing or unreadable file, a file over ``limits``,
+    a file with no usable rows, a tokenizer that cannot render chat data, or (on_bad_row="fail") the
+    first bad row; never RecursionError, whatever the data holds.
     """
-    resolve = resolve_path or Path
+    try:
+        return _prepare(spec, tokenizer, max_length, seed, resolve_path or Path, limits)
+    except RecursionError as exc:  # a last guard: the readers refuse deep rows before anything recurses
+        raise DatasetError("the data is nested too deeply to read", path=spec.train) from exc
+
+
+def _prepare(
+    spec: Any,
+    tokenizer: Any,
+    max_length: int,
+    seed: int,
+    resolve: Callable[[str], str | Path],
+    limits: DataLimits,
+) -> PreparedData:
     truncate_prompt = bool(getattr(spec, "truncate_prompt", True))
-    options = {"truncate_prompt": truncate_prompt, "fail": spec.on_bad_row == "fail"}
+    options = {"truncate_prompt": truncate_prompt, "fail": spec.on_bad_row == "fail", "limits": limits}
     train_src = _load(
         spec.train, resolve(spec.train), spec.format, tokenizer, max_length, max_rows=spec.max_rows, **options
     )

@@ -16,8 +16,7 @@ from core.settings import Settings
 from core.store import Database, upgrade
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-GPT2_TOKENIZER = SHARED / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
+GPT2_TOKENIZER = REPO / "examples" / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
 
 TOKENS = {"team-a": "tok-a-3f9c2e7d51", "team-b": "tok-b-8a1d4c6e02", "*": "tok-admin-77c0e1b9"}
 PAIRS = [
@@ -112,16 +111,20 @@ def spec(roots: Path) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding only the GPT-2 tokenizer (enough for /v1/jobs:validate)."""
-    if not GPT2_TOKENIZER.exists():
-        pytest.skip(f"shared GPT-2 tokenizer not found at {GPT2_TOKENIZER}")
+def save_gpt2_tokenizer(folder: Path, chat_template: str | None = None) -> Path:
+    """Save the shipped GPT-2 tokenizer (optionally with a chat template) as a folder AutoTokenizer loads."""
     from transformers import PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tokenizer-model")
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(GPT2_TOKENIZER), eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
+    if chat_template is not None:
+        tok.chat_template = chat_template
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding only the GPT-2 tokenizer (enough for /v1/jobs:validate)."""
+    return save_gpt2_tokenizer(tmp_path_factory.mktemp("tokenizer-model"))

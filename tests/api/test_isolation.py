@@ -172,4 +172,6 @@ def test_the_default_roots_leave_out_the_artifacts_dir(tmp_path: Path, monkeypat
     assert settings.allowed_roots() == [tmp_path.resolve()]
     owned = settings.service_owned_paths()
     assert Path("/srv/minordpo-artifacts") in owned
+    outside = Settings(ray_state_file=tmp_path / "ray" / "head.json").service_owned_paths()
+    assert {tmp_path / "ray" / n for n in ("head.json", "head.log", "ray-auth-token")} <= set(outside)
     assert tmp_path.resolve() / "var" / "x.db" in owned and tmp_path.resolve() / "var" / "x.db-wal" in owned

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import DATA as SHIPPED_DATA
 from tests.conftest import GPT2_FILE as GPT2_TOKENIZER_FILE
 from tests.conftest import REPO as REPO_ROOT
-from tests.conftest import SHARED as SHARED_DATA
 
 DATA_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "data"
 
@@ -51,8 +51,8 @@ def fresh_gpt2_tokenizer() -> Any:
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
-    """``<repo>/../shared/data``: the real data and tokenizer (see shared/data/SOURCES.md)."""
-    return SHARED_DATA
+    """``<repo>/examples/data``: the real data and tokenizer (see examples/data/SOURCES.md)."""
+    return SHIPPED_DATA
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The loss registry against the test vectors of ALGORITHMS.md (values, gradients, dtypes, the tie)."""
+"""The loss registry against the test vectors of docs/losses.md (values, gradients, dtypes, the tie)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from sqlalchemy import event, text
 from core.store import (
     Database,
     NotFoundError,
+    add_checkpoint,
     append_event,
     append_metrics,
     create_job,
@@ -20,6 +21,7 @@ from core.store import (
     list_events,
     metric_series,
     require_job,
+    transition,
 )
 from core.store.metrics import MetricPoint
 
@@ -68,6 +70,57 @@ def test_concurrent_event_appends_get_unique_gapless_seqs(db: Database) -> None:
     assert seqs == sorted(set(seqs))
     assert len([e for e in events if e.dedup_key and e.dedup_key.startswith("log:")]) == 8 * 5
     assert len([e for e in events if e.kind == "log" and e.dedup_key is None]) == 80
+
+
+def test_a_finished_job_records_nothing_after_its_terminal_status(db: Database) -> None:
+    job_id = new_job(db)
+    with db.write() as s:
+        transition(s, job_id, "running")
+        add_checkpoint(s, job_id, 2, "/ckpt/2")
+        transition(s, job_id, "cancelled")
+    with db.write() as s:  # a late writer: the run's last checkpoint and its closing event
+        add_checkpoint(s, job_id, 3, "/ckpt/3")
+        late, created = append_event(s, job_id, "cancelled", "training cancelled at step 3")
+        assert late is None and not created
+        assert append_event(s, job_id, "status", "preparing data and model") == (None, False)
+        assert not transition(s, job_id, "failed")
+    with db.write() as s:  # a webhook's delivery outcome is still recorded
+        _, delivered = append_event(s, job_id, "webhook", "job.cancelled delivered", dedup_key="webhook:1:ok")
+    with db.read() as s:
+        events = list_events(s, job_id)
+    kinds = [(e.kind, (e.data or {}).get("to")) for e in events]
+    assert kinds == [
+        ("status", "queued"),
+        ("status", "running"),
+        ("checkpoint", None),
+        ("status", "cancelled"),
+        ("webhook", None),
+    ]
+    assert delivered and [e.seq for e in events] == sorted({e.seq for e in events})
+    with db.write() as s, pytest.raises(NotFoundError):
+        append_event(s, "job_missing", "checkpoint")
+
+
+def test_a_succeeded_job_has_exactly_one_final_model_event(db: Database) -> None:
+    job_id = new_job(db)
+    with db.write() as s:
+        transition(s, job_id, "running")
+        # the loop's own event (forwarded by the driver), then the driver's record of the outcome
+        first, created = append_event(s, job_id, "final_model", "final model saved", {"path": "/out/final"})
+        again, again_created = append_event(
+            s,
+            job_id,
+            "final_model",
+            "final model at /out/final",
+            {"path": "/out/final"},
+            dedup_key="final_model",
+        )
+        transition(s, job_id, "succeeded")
+    assert created and not again_created and first is not None and again is not None
+    assert again.seq == first.seq
+    with db.read() as s:
+        finals = [e for e in list_events(s, job_id) if e.kind == "final_model"]
+    assert len(finals) == 1 and finals[0].data == {"path": "/out/final"}
 
 
 def test_metric_append_is_idempotent_and_merges_new_names(db: Database) -> None:

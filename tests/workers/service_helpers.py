@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import REPO, SHARED
+from tests.conftest import DATA, REPO
 from tests.serving import free_port, wait_until_up
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -31,7 +31,7 @@ class Server:
             MINORDPO_DATABASE_URL=f"sqlite:///{root / 'var' / 'db.sqlite'}",
             MINORDPO_ARTIFACTS_DIR=str(root / "var" / "artifacts"),
             MINORDPO_ALLOWED_PATHS=os.pathsep.join(
-                [str(root), str(model_dir), str(data_file.parent), str(SHARED)]
+                [str(root), str(model_dir), str(data_file.parent), str(DATA)]
             ),
             MINORDPO_PORT=str(self.port),
             MINORDPO_RAY_STATE_FILE=str(root / "var" / "ray-head.json"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core.store import Database, create_job, get_job, list_events, upgrade
+from core.store import Database, cancel_job, create_job, get_job, list_events, upgrade
 from workers.dispatcher import QUEUE_POLL_S, Dispatcher, DriverEnv
 
 
@@ -61,7 +61,7 @@ def test_a_posted_job_is_submitted_before_the_next_full_pass(db: Database, tmp_p
     dispatcher = Dispatcher(
         db,
         ray_jobs,  # type: ignore[arg-type]
-        capacity_cpus=lambda: 2.0,
+        capacity=lambda: {"CPU": 2.0, "GPU": 0.0},
         max_concurrent=2,
         driver_env=DriverEnv("sqlite://", tmp_path / "artifacts", False),
     )
@@ -101,7 +101,7 @@ def test_an_unreachable_database_is_retried_each_pass_not_each_poll(tmp_path: Pa
     dispatcher = Dispatcher(
         Unreachable(),  # type: ignore[arg-type]
         RecordingRayJobs(),  # type: ignore[arg-type]
-        capacity_cpus=lambda: 2.0,
+        capacity=lambda: {"CPU": 2.0, "GPU": 0.0},
         max_concurrent=2,
         driver_env=DriverEnv("sqlite://", tmp_path / "artifacts", False),
     )
@@ -132,3 +132,82 @@ def test_driver_settings_file_is_private_and_complete(tmp_path) -> None:
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert json.loads(path.read_text()) == env.as_env()
     assert [p.name for p in path.parent.iterdir()] == ["driver-env.json"]  # no temporary file left
+
+
+def gpu_spec(workers: int, gpus: float = 1.0) -> dict:
+    return {**spec(workers), "resources": {"num_workers": workers, "use_gpu": True, "gpus_per_worker": gpus}}
+
+
+def gpu_cluster_dispatcher(
+    db: Database, ray_jobs: RecordingRayJobs, tmp_path: Path, gpus: float
+) -> Dispatcher:
+    """A dispatcher over a cluster of 16 CPUs and `gpus` GPUs."""
+    return Dispatcher(
+        db,
+        ray_jobs,  # type: ignore[arg-type]
+        capacity=lambda: {"CPU": 16.0, "GPU": gpus},
+        max_concurrent=4,
+        driver_env=DriverEnv("sqlite://", tmp_path / "artifacts", False),
+    )
+
+
+def test_a_job_asking_for_more_gpus_than_the_cluster_has_fails_at_once(db: Database, tmp_path: Path) -> None:
+    ray_jobs = RecordingRayJobs()
+    dispatcher = gpu_cluster_dispatcher(db, ray_jobs, tmp_path, gpus=0.0)
+    with db.write() as s:
+        job, _ = create_job(s, project="p", spec=gpu_spec(2))
+    dispatcher._dispatch()
+    with db.read() as s:
+        failed = get_job(s, job.id)
+        assert failed is not None and failed.status == "failed"
+        assert failed.error["code"] == "insufficient_resources"
+        assert failed.error["message"] == (
+            "the job needs 2 GPUs (resources.num_workers x gpus_per_worker, with use_gpu) "
+            "but the cluster has 0 in all"
+        )
+    assert job.id not in ray_jobs.submitted
+
+
+def test_a_gpu_job_that_can_fit_waits_for_free_gpus_and_fractions_share_a_gpu(
+    db: Database, tmp_path: Path
+) -> None:
+    ray_jobs = RecordingRayJobs()
+    dispatcher = gpu_cluster_dispatcher(db, ray_jobs, tmp_path, gpus=4.0)
+    with db.write() as s:
+        first, _ = create_job(s, project="p", spec=gpu_spec(3))
+        second, _ = create_job(s, project="p", spec=gpu_spec(2, gpus=1.0))
+    dispatcher._dispatch()
+    assert first.id in ray_jobs.submitted and second.id not in ray_jobs.submitted
+    with db.read() as s:
+        job = get_job(s, second.id)
+        assert job is not None and job.status == "queued"
+        waiting = [e.message for e in list_events(s, second.id) if e.kind == "waiting"]
+    assert waiting == ["waiting for 2 free GPUs (1 free now)"]
+    # half a GPU per worker: two workers fit in the one GPU left
+    with db.write() as s:
+        cancel_job(s, second.id)
+        third, _ = create_job(s, project="p", spec=gpu_spec(2, gpus=0.5))
+    dispatcher._dispatch()
+    assert third.id in ray_jobs.submitted
+
+
+def test_the_scaling_config_asks_ray_for_gpus_and_placement() -> None:
+    from core.spec import JobSpec
+
+    res = JobSpec.model_validate(
+        {
+            **spec(2),
+            "resources": {
+                "num_workers": 2,
+                "use_gpu": True,
+                "gpus_per_worker": 2,
+                "cpus_per_worker": 4,
+                "accelerator_type": "H100",
+                "placement_strategy": "STRICT_PACK",
+            },
+        }
+    ).resources
+    assert res.worker_resources() == {"CPU": 4.0, "GPU": 2.0}
+    assert res.needs() == {"CPU": 8.0, "GPU": 4.0}
+    cpu_only = JobSpec.model_validate(spec(2)).resources
+    assert cpu_only.worker_resources() == {"CPU": 1.0} and cpu_only.needs()["GPU"] == 0.0

@@ -41,6 +41,20 @@ def test_a_restarted_driver_skips_steps_its_store_holds() -> None:
     assert [s for k, s, *_ in seen if k == "m"] == [4]
 
 
+def test_the_runs_closing_event_comes_after_its_last_checkpoint() -> None:
+    fwd, seen = _collect()
+    fwd({"type": "metrics", "step": 3, "values": {"loss": 0.5}})
+    # rank 0 puts its events straight into the channel; the checkpoint it saved on stopping comes through
+    # Ray Train's controller, later
+    fwd({"type": "event", "kind": "cancelled", "message": "training cancelled at step 3", "data": {}})
+    fwd({"type": "checkpoint", "step": 3, "path": "c3", "values": {}})
+    assert ("e", "cancelled") not in seen
+    fwd.finish()
+    assert seen == [("m", 3, {"loss": 0.5}), ("c", 3, "c3"), ("e", "cancelled")]
+    fwd.finish()
+    assert seen.count(("e", "cancelled")) == 1
+
+
 def test_rank_differences_ignore_per_rank_timings() -> None:
     same = {"loss": 0.5, "step": 1}
     assert _rank_differences([{**same, "step_time": 1.0}, {**same, "step_time": 2.0}]) == []

@@ -1,11 +1,16 @@
-"""Starting our local Ray head: its ports, a start that fails and is retried, and a bounded reachability probe."""
+"""Starting our local Ray head: its ports, a start that fails and is retried, a bounded reachability probe,
+every listener on loopback, and a draining head that nobody adopts."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import socket
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from workers import ray_control
@@ -17,6 +22,29 @@ from workers.ray_control import (
     start_local_head,
     stop_local_head,
 )
+
+
+def listening(pid: int) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of each listening TCP socket of `pid` and of every process under it."""
+    root = psutil.Process(pid)
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            found += [
+                (proc.name(), c.laddr.ip, c.laddr.port)
+                for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
+        except psutil.Error:  # a worker process that ended meanwhile
+            continue
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1, as gRPC binds 127.0.0.1 on a dual-stack socket
+    return address.is_loopback
 
 
 def test_head_ports_are_distinct_free_and_outside_the_ranges_others_take_ports_from() -> None:
@@ -78,6 +106,34 @@ def test_a_head_start_that_fails_is_retried_on_new_ports_and_the_error_quotes_ra
             assert (
                 "already occupied" in state.with_suffix(".log").read_text()
             )  # the first try's output is kept
+
+            # every listener of the head (GCS, raylet, dashboard, its agents, the client server) is on loopback
+            expected = set(picks[1])
+            deadline = time.monotonic() + 60
+            while not expected <= {port for _, _, port in listening(head.pid)}:
+                assert time.monotonic() < deadline, (
+                    f"listeners {listening(head.pid)}; expected ports {expected}"
+                )
+                time.sleep(0.5)
+            sockets = listening(head.pid)
+            assert [s for s in sockets if not is_loopback(s[1])] == [], sockets
+
+            # a draining head is not adopted: a server that reads its state file meanwhile starts its own
+            stopper = threading.Thread(target=stop_local_head, args=(head, state))
+            stopper.start()
+            deadline = time.monotonic() + 10
+            while not (state.exists() and json.loads(state.read_text()).get("stopping")):
+                assert time.monotonic() < deadline, "the state file was not marked stopping"
+                time.sleep(0.01)
+            other = start_local_head(state, num_cpus=1, preload=False, attempts=1)
+            try:
+                assert other.pid != head.pid and other.alive()
+                stopper.join(60)
+                assert json.loads(state.read_text())["pid"] == other.pid, (
+                    "the old head's stop kept the new record"
+                )
+            finally:
+                stop_local_head(other, state)
         finally:
             stop_local_head(head, state)
     finally:

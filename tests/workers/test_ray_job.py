@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from workers import ray_cluster
-from workers.job_run import clear_cancel, job_output_dir, request_cancel, run_job
+from workers.conventions import job_output_dir
+from workers.job_run import clear_cancel, request_cancel, run_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

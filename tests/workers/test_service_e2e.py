@@ -40,6 +40,17 @@ def server(
     assert head is not None and not pid_alive(head), "the local Ray head outlived the server"
 
 
+def events_until_terminal(server: Server, job_id: str) -> tuple[list[dict], list[dict]]:
+    """A job's stored events up to its terminal status event, and those after it."""
+    headers = {"Accept": "application/json"}
+    r = httpx.get(f"{server.url}/v1/jobs/{job_id}/events?limit=1000", headers=headers, timeout=10)
+    events = r.json()["data"]
+    end = next(
+        i for i, e in enumerate(events) if e["kind"] == "status" and (e["data"] or {}).get("to") in TERMINAL
+    )
+    return events[: end + 1], events[end + 1 :]
+
+
 def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_file, receiver):
     from standardwebhooks.webhooks import Webhook
     from transformers import AutoModelForCausalLM
@@ -62,6 +73,10 @@ def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_fil
     payloads = [Webhook(secret).verify(body, headers) for headers, body in receiver.requests]
     assert [p["type"] for p in payloads] == ["job.started", "job.checkpoint", "job.succeeded"]
     assert payloads[-1]["data"]["metrics"]["loss"] == job["metrics"]["loss"]
+    # each event once, and after the terminal status only the webhooks' delivery outcomes
+    events, after = events_until_terminal(server, job_id)
+    assert [e["kind"] for e in events].count("final_model") == 1
+    assert {e["kind"] for e in after} <= {"webhook"}
 
 
 def _idle_and_busy(raylet: int) -> tuple[set[int], dict[int, tuple[str, dict[str, str]]]]:
@@ -125,6 +140,13 @@ def test_cancel_mid_run_stops_within_seconds(server, tiny_model_dir, learnable_p
     assert job["status"] == "cancelled"
     assert time.monotonic() - asked < 30
     assert job["progress"]["step"] < 400
+    # the checkpoint saved on stopping comes before the run's closing event, and nothing after the status
+    events, after = events_until_terminal(server, job_id)
+    kinds = [e["kind"] for e in events]
+    assert "checkpoint" in kinds and kinds.index("cancelled") > max(
+        i for i, k in enumerate(kinds) if k == "checkpoint"
+    )
+    assert after == []
     # the resources went back: the next job runs
     nxt = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=2))
     assert wait_for(server, nxt, lambda j: j["status"] in TERMINAL)["status"] == "succeeded"

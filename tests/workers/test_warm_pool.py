@@ -11,8 +11,8 @@ import time
 import pytest
 
 from workers import warm_pool
-from workers.job_run import RUN_ENV
-from workers.warm_pool import TRAIN_WORKER_MARKER, PoolKind, WarmPool, classify, job_pool_kinds
+from workers.conventions import RUN_ENV, TRAIN_WORKER_MARKER
+from workers.warm_pool import PoolKind, WarmPool, classify, job_pool_kinds
 
 HEAD_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
