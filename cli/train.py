@@ -103,6 +103,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             resume_from="latest" if resume else None,
             allow_remote_code=settings.allow_remote_code,
+            data_limits=settings.data_limits(),
         )
         try:
             result = run_training(spec, options, reporter)

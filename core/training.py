@@ -29,6 +29,7 @@ from core.checkpointing import (
     set_rng_state,
 )
 from core.data import EncodedPair, LengthGroupedBatches, ValidationReport, prepare_data
+from core.data.limits import DEFAULT_LIMITS, DataLimits
 from core.losses import MetricSums, WeightedLoss, pair_metrics
 from core.models import (
     apply_lora,
@@ -78,6 +79,7 @@ class RunOptions:
     resume_from: Path | Literal["latest"] | None = None
     allow_remote_code: bool = False
     should_stop: Callable[[], bool] | None = None
+    data_limits: DataLimits = DEFAULT_LIMITS
 
 
 @dataclass
@@ -168,7 +170,7 @@ class Trainer:
         self.reporter.event("status", "preparing data and model")
         tokenizer = load_tokenizer(spec.model, allow_remote_code=self.options.allow_remote_code)
         self.pad_id = int(tokenizer.pad_token_id)
-        data = prepare_data(spec.dataset, tokenizer, t.max_length, t.seed)
+        data = prepare_data(spec.dataset, tokenizer, t.max_length, t.seed, limits=self.options.data_limits)
         self.reporter.event("data", data.report.to_text(), data.report.model_dump(mode="json"))
 
         checkpoint = self._resume_checkpoint()

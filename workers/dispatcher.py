@@ -16,6 +16,7 @@ The database is the source of truth; the dispatcher holds no state that a restar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.settings import Settings
@@ -92,19 +93,22 @@ class DriverEnv:
     database_url: str
     artifacts_dir: Path
     allow_remote_code: bool
+    data_limits: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DriverEnv:
         url = settings.database_url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             url = "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
-        return cls(url, settings.artifacts_dir.resolve(), settings.allow_remote_code)
+        limits = dataclasses.asdict(settings.data_limits())
+        return cls(url, settings.artifacts_dir.resolve(), settings.allow_remote_code, limits)
 
     def as_env(self) -> dict[str, str]:
         return {
             "MINORDPO_DATABASE_URL": self.database_url,
             "MINORDPO_ARTIFACTS_DIR": str(self.artifacts_dir),
             "MINORDPO_ALLOW_REMOTE_CODE": "true" if self.allow_remote_code else "false",
+            **{f"MINORDPO_{name.upper()}": str(value) for name, value in self.data_limits.items()},
         }
 
     def write(self) -> Path:

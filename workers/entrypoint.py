@@ -8,6 +8,7 @@ is not stored twice). A cancel requested in the database is passed to the run as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from core.store import (
     transition,
     update_progress,
 )
+from workers.conventions import JobPolicy
 
 log = logging.getLogger("workers.entrypoint")
 CANCEL_POLL_S = 1.0
@@ -101,7 +103,7 @@ def run(job_id: str) -> int:
             on_metrics=writer.metrics,
             on_event=writer.event,
             on_checkpoint=writer.checkpoint,
-            allow_remote_code=settings.allow_remote_code,
+            policy=JobPolicy(settings.allow_remote_code, dataclasses.asdict(settings.data_limits())),
         )
     except Exception as exc:  # noqa: BLE001 - record every failure as the job's error
         log.exception("job %s crashed", job_id)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import ray
 
 from core.spec import JobSpec
-from workers.conventions import CANCEL_FILE, RUN_ENV, job_output_dir
+from workers.conventions import CANCEL_FILE, RUN_ENV, JobPolicy, job_output_dir
 from workers.job_channel import JobChannel
 
 DRAIN_WAIT_S = 0.5
@@ -112,16 +112,12 @@ class _Forwarder:
             self.on_event(item["kind"], item["message"], item.get("data") or {})
 
 
-def _fit(
-    job_id: str, spec_json: str, artifacts_dir: str, channel: Any, allow_remote_code: bool
-) -> dict[str, Any]:
+def _fit(job_id: str, spec_json: str, artifacts_dir: str, channel: Any, policy: JobPolicy) -> dict[str, Any]:
     """The task body: imports the heavy module in the task's (warm) process, not in the driver."""
     from workers.ray_job import fit_summary
 
     spec = JobSpec.model_validate_json(spec_json)
-    return fit_summary(
-        job_id, spec, artifacts_dir=Path(artifacts_dir), channel=channel, allow_remote_code=allow_remote_code
-    )
+    return fit_summary(job_id, spec, artifacts_dir=Path(artifacts_dir), channel=channel, policy=policy)
 
 
 def run_job(
@@ -132,7 +128,7 @@ def run_job(
     on_metrics: OnMetrics,
     on_event: OnEvent,
     on_checkpoint: OnCheckpoint,
-    allow_remote_code: bool = False,
+    policy: JobPolicy | None = None,
     skip_through_step: int = 0,
 ) -> JobOutcome:
     """Run one job to its end on the connected Ray cluster; blocks, calling on_* on this thread as rows arrive.
@@ -147,7 +143,7 @@ def run_job(
     forward = _Forwarder(on_metrics, on_event, on_checkpoint, skip_through_step)
     fit = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": RUN_ENV})(_fit)
     try:
-        done = fit.remote(job_id, spec.model_dump_json(), str(artifacts_dir), channel, allow_remote_code)
+        done = fit.remote(job_id, spec.model_dump_json(), str(artifacts_dir), channel, policy or JobPolicy())
         while True:
             finished = bool(ray.wait([done], timeout=0)[0])
             # after `done` is ready, this drain is the last, and takes what is there without waiting

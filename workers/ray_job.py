@@ -19,7 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # Ray 2.60; see JobTrainer
 
 from core.spec import JobSpec
-from workers.conventions import TRAIN_WORKER_MARKER, job_output_dir
+from workers.conventions import TRAIN_WORKER_MARKER, JobPolicy, job_output_dir
 from workers.train_worker import FatalJobError, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class JobTrainer(TorchTrainer):
 
 
 def build_trainer(
-    job_id: str, spec: JobSpec, *, artifacts_dir: Path, channel: Any, allow_remote_code: bool = False
+    job_id: str, spec: JobSpec, *, artifacts_dir: Path, channel: Any, policy: JobPolicy | None = None
 ) -> JobTrainer:
     """The TorchTrainer for one job; the same (job_id, artifacts_dir) resumes the same Ray run."""
     res = spec.resources
@@ -129,7 +129,7 @@ def build_trainer(
         "spec": spec.model_dump_json(),
         "output_dir": str(output_dir),
         "cache_dir": str(artifacts_dir / "cache"),
-        "allow_remote_code": allow_remote_code,
+        "policy": policy or JobPolicy(),
         "channel": channel,
     }
     return JobTrainer(
@@ -156,16 +156,14 @@ def build_trainer(
 
 
 def fit_summary(
-    job_id: str, spec: JobSpec, *, artifacts_dir: Path, channel: Any, allow_remote_code: bool = False
+    job_id: str, spec: JobSpec, *, artifacts_dir: Path, channel: Any, policy: JobPolicy | None = None
 ) -> dict[str, Any]:
     """Run the job's Ray Train run to its end in this process and say how it ended, in plain values.
 
     Runs as a Ray task on a warm process (workers/job_run.py), so the driver never imports torch. Keys:
     status (succeeded/failed/cancelled), step, total_steps, final_model_dir, code and message (failures).
     """
-    trainer = build_trainer(
-        job_id, spec, artifacts_dir=artifacts_dir, channel=channel, allow_remote_code=allow_remote_code
-    )
+    trainer = build_trainer(job_id, spec, artifacts_dir=artifacts_dir, channel=channel, policy=policy)
     try:
         result = trainer.fit()
         error = getattr(result, "error", None)

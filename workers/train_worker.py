@@ -14,10 +14,11 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 from core.data import DatasetError
+from core.data.limits import DataLimits
 from core.models import ModelLoadError
 from core.spec import JobSpec
 from core.training import Distributed, RunOptions, Trainer, TrainingError
-from workers.conventions import CANCEL_FILE
+from workers.conventions import CANCEL_FILE, JobPolicy
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def _result(result: Any) -> dict[str, Any]:
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point given to `TorchTrainer`: one rank of one job.
 
-    config: ``spec`` (JobSpec JSON), ``output_dir``, ``cache_dir``, ``allow_remote_code``, ``channel``
+    config: ``spec`` (JobSpec JSON), ``output_dir``, ``cache_dir``, ``policy`` (a JobPolicy), ``channel``
     (actor handle of the job channel, or None). Returns rank 0's summary (Ray keeps it as
     ``Result.return_value``). A fatal loop error (TrainingError, DatasetError, ModelLoadError) is
     recorded in the channel and raised, so Ray tears the whole worker group down (no rank hangs in a
@@ -202,11 +203,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         wrap_model=ray.train.torch.prepare_model,
     )
     cache = config.get("cache_dir")
+    policy: JobPolicy = config.get("policy") or JobPolicy()
     options = RunOptions(
         output_dir=output_dir,
         cache_dir=Path(cache) if cache else None,
         device=_device(spec.resources.use_gpu),
-        allow_remote_code=bool(config.get("allow_remote_code", False)),
+        allow_remote_code=policy.allow_remote_code,
+        data_limits=DataLimits(**policy.data_limits),
         should_stop=make_should_stop(rank, output_dir / CANCEL_FILE, collectives),
     )
     reporter = RayReporter(rank, channel)

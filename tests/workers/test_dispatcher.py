@@ -211,3 +211,13 @@ def test_the_scaling_config_asks_ray_for_gpus_and_placement() -> None:
     assert res.needs() == {"CPU": 8.0, "GPU": 4.0}
     cpu_only = JobSpec.model_validate(spec(2)).resources
     assert cpu_only.worker_resources() == {"CPU": 1.0} and cpu_only.needs()["GPU"] == 0.0
+
+
+def test_the_driver_settings_carry_the_data_limits(tmp_path: Path) -> None:
+    from core.settings import Settings
+
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", max_line_bytes=4096, max_json_depth=7)
+    env = DriverEnv.from_settings(settings).as_env()
+    assert env["MINORDPO_MAX_LINE_BYTES"] == "4096" and env["MINORDPO_MAX_JSON_DEPTH"] == "7"
+    read_back = Settings(**{k.removeprefix("MINORDPO_").lower(): v for k, v in env.items()})
+    assert read_back.data_limits() == settings.data_limits()

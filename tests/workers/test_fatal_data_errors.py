@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import ray.train
 
 from core.spec import JobSpec
 from workers import train_worker
+from workers.conventions import JobPolicy
 from workers.train_worker import FatalJobError, train_loop_per_worker
 
 
@@ -76,3 +78,27 @@ def test_deeply_nested_data_is_a_dataset_error_recorded_so_a_retry_does_not_run_
     monkeypatch.setattr(train_worker, "Trainer", must_not_run)
     retried = train_loop_per_worker(config)  # what Ray's restart of the worker group would do
     assert retried["status"] == "failed" and retried["error"]["code"] == "dataset_error"
+
+
+def test_the_operators_data_limits_reach_the_loop(
+    without_ray: None, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "nested.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": [[[[[[["r"]]]]]]]}) + "\n")
+    spec = JobSpec.model_validate(
+        {
+            "name": "limits",
+            "model": str(tiny_model_dir),
+            "dataset": {"train": str(data)},
+            "training": {"max_steps": 1},
+        }
+    )
+    config = {
+        "spec": spec.model_dump_json(),
+        "output_dir": str(tmp_path / "out"),
+        "channel": FakeChannel(),
+        "policy": JobPolicy(data_limits={"max_json_depth": 4}),
+    }
+    with pytest.raises(FatalJobError) as failed:
+        train_loop_per_worker(config)
+    assert failed.value.code == "dataset_error" and "nested deeper than 4 levels" in failed.value.message
