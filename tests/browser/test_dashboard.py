@@ -213,6 +213,10 @@ def test_cancel_button(server: Server, page: Any) -> None:
     page.get_by_role("button", name="Cancel job").click()
     expect(page.locator("#job-status .badge")).to_have_text("cancelled")
     expect(page.locator("#events-log")).to_contain_text("cancelled")
+    expect(page.locator("#cancel-job")).to_be_hidden()  # an ended job offers no cancel
+    page.reload()
+    expect(page.locator("#job-status .badge")).to_have_text("cancelled")
+    expect(page.locator("#cancel-job")).to_be_hidden()
     running = make_job(server, "cancel-running", running=True)
     page.goto(f"{server.url}/#/jobs/{running}")
     expect(page.locator("#job-status .badge")).to_have_text("running")

@@ -35,6 +35,7 @@ export function renderJob(main, jobId) {
     title.textContent = data.name;
     badge.replaceChildren(statusBadge(data.status, data.cancel_requested));
     const terminal = TERMINAL.has(data.status);
+    cancelBtn.hidden = terminal; // an ended job has nothing to cancel
     cancelBtn.disabled = terminal || data.cancel_requested;
     cancelBtn.textContent = data.cancel_requested && !terminal ? "Cancel requested" : "Cancel job";
     const { loss, lr } = describeJob(data);
