@@ -1,4 +1,4 @@
-"""Structured JSON logging: one object per line, a request id per request, secrets redacted."""
+"""Logging: JSON lines for collectors, readable lines on a terminal; a request id per request, secrets redacted."""
 
 from __future__ import annotations
 
@@ -54,12 +54,29 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """Plain text for people at a terminal, redacted like the JSON form."""
+    """Plain text for people at a terminal, redacted like the JSON form, with the record's key fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        rid = request_id_var.get()
-        base = super().format(record)
+        rid = getattr(record, "request_id", None) or request_id_var.get()
+        fields = [
+            f"{key}={getattr(record, key)}" for key in EXTRA_FIELDS if getattr(record, key, None) is not None
+        ]
+        base = " ".join([super().format(record), *fields])
         return redact(f"{base} [{rid}]" if rid else base)
+
+
+def _terminal_handler(stream: Any) -> logging.Handler:
+    """Rich's handler for a person at a terminal: aligned time and coloured level, then logger and message."""
+    from rich.console import Console
+    from rich.highlighter import NullHighlighter
+    from rich.logging import RichHandler
+
+    console = Console(file=stream, stderr=stream is None)
+    handler = RichHandler(
+        console=console, show_path=False, markup=False, rich_tracebacks=False, highlighter=NullHighlighter()
+    )
+    handler.setFormatter(TextFormatter("%(name)s: %(message)s"))
+    return handler
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -74,12 +91,33 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def configure_logging(level: str = "INFO", *, json_lines: bool = True, stream: Any = None) -> None:
-    """Route the root, uvicorn and app loggers to one handler on stderr (idempotent)."""
-    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
-    handler.setFormatter(
-        JsonFormatter() if json_lines else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
+def wants_json(log_format: str, stream: Any = None) -> bool:
+    """`json` and `text` are what they say; `auto` is JSON unless the stream (stderr) is a terminal."""
+    if log_format != "auto":
+        return log_format == "json"
+    target = stream if stream is not None else sys.stderr
+    isatty = getattr(target, "isatty", None)
+    return not (callable(isatty) and isatty())
+
+
+def configure_logging(
+    level: str = "INFO", *, json_lines: bool | None = None, stream: Any = None, log_format: str = "auto"
+) -> None:
+    """Route the root, uvicorn and app loggers to one handler on stderr (idempotent).
+
+    The form: `log_format` json or text as given; with `auto`, `json_lines` when set (the older
+    MINORDPO_LOG_JSON), else JSON unless stderr is a terminal (`wants_json`). Text is Rich's readable
+    lines: time, level, logger, message and the record's key fields.
+    """
+    if log_format == "auto" and json_lines is not None:
+        as_json = json_lines
+    else:
+        as_json = wants_json(log_format, stream)
+    if as_json:
+        handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler = _terminal_handler(stream)
     handler._minordpo = True  # type: ignore[attr-defined]
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_minordpo", False)]:

@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     `app.state.shutdown_hooks`.
     """
     settings = settings or get_settings()
-    configure_logging(settings.log_level, json_lines=settings.log_json)
+    configure_logging(settings.log_level, json_lines=settings.log_json, log_format=settings.log_format)
     db = database or Database(settings.database_url)
     try:
         ensure_schema_current(db.engine, settings.auto_migrate)

@@ -58,7 +58,7 @@ def worker_app() -> Any:
 
     try:
         settings = Settings()
-        configure_logging(settings.log_level, json_lines=settings.log_json)
+        configure_logging(settings.log_level, json_lines=settings.log_json, log_format=settings.log_format)
         app = create_app(settings)
         ray_jobs_url = os.environ.get(RAY_JOBS_URL_ENV)
         if ray_jobs_url:

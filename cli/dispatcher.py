@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         from core.store import SchemaOutOfDateError, ensure_schema_current
 
         settings = Settings()
-        configure_logging(settings.log_level, json_lines=settings.log_json)
+        configure_logging(settings.log_level, json_lines=settings.log_json, log_format=settings.log_format)
         try:
             ensure_schema_current(settings.database_url, settings.auto_migrate)
         except SchemaOutOfDateError as exc:

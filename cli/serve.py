@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         if api_workers is not None:
             overrides["api_workers"] = api_workers
         settings = Settings(**overrides)
-        configure_logging(settings.log_level, json_lines=settings.log_json)
+        configure_logging(settings.log_level, json_lines=settings.log_json, log_format=settings.log_format)
         _clear_shared_metrics()
         application = build_app(settings)  # every start-up check, made once here
         if settings.api_workers > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,7 +69,14 @@ class Settings(BaseSettings):
     )
     stop_ray_on_exit: bool = Field(True, description="Stop the local Ray head when the server exits cleanly")
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a token")
-    log_json: bool = Field(True, description="One JSON object per log line (else plain text)")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="Log lines: json (one object a line), text (readable, Rich), or auto: text on a terminal, "
+        "JSON otherwise",
+    )
+    log_json: bool | None = Field(
+        None, description="Older switch: true/false forces JSON/text when LOG_FORMAT is auto"
+    )
     otel: bool = Field(
         False,
         description="FastAPI's OpenTelemetry spans, metrics and logs (needs an OpenTelemetry SDK set up in "

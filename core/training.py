@@ -167,7 +167,7 @@ class Trainer:
     def run(self) -> TrainResult:
         spec, t, dist = self.spec, self.spec.training, self.dist
         seed_everything(t.seed)
-        self.reporter.event("status", "preparing data and model")
+        self.reporter.event("preparing", "preparing data and model")
         tokenizer = load_tokenizer(spec.model, allow_remote_code=self.options.allow_remote_code)
         self.pad_id = int(tokenizer.pad_token_id)
         data = prepare_data(spec.dataset, tokenizer, t.max_length, t.seed, limits=self.options.data_limits)

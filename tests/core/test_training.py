@@ -162,6 +162,9 @@ def test_live_reference_matches_precomputed(tiny_model_dir, learnable_pairs_file
         spec = make_spec(tiny_model_dir, learnable_pairs_file, max_steps=4, precompute_ref_logps=precompute)
         train(spec, RunOptions(output_dir=tmp_path / str(precompute), cache_dir=ref_cache), rec)
         assert ("reference" in rec.kinds()) is precompute
+        # lifecycle moves are the store's; the loop's first word is its own kind (a `status` event
+        # would reach `minordpo watch` as a status move with no status: "None preparing ...")
+        assert rec.kinds()[0] == "preparing" and "status" not in rec.kinds()
     for (s1, m1), (s2, m2) in zip(recs[True].rows, recs[False].rows, strict=True):
         assert s1 == s2
         for key in ("loss", "rewards/margins", "logps/chosen"):
