@@ -18,6 +18,7 @@ from core.settings import Settings
 from core.store import Database, active_jobs
 from core.webhooks import project_secret
 from workers.dispatcher import Dispatcher, DriverEnv
+from workers.head_state import process_running
 from workers.ray_control import (
     LocalHead,
     RayJobs,
@@ -33,6 +34,8 @@ from workers.webhooks import WebhookSender
 
 log = logging.getLogger("workers.service")
 HEAD_CHECK_S = 2.0
+HEAD_MISSES = 3
+"""Checks in a row whose GCS connection fails before a head whose process still runs is taken for dead."""
 CAPACITY_TTL_S = 30.0
 """How long the cluster's CPU and GPU totals are trusted before Ray is asked again."""
 """How often the dispatcher thread checks that our local head still runs."""
@@ -52,6 +55,7 @@ class DispatcherService:
         self._pool_thread: threading.Thread | None = None
         self._pool_stop = threading.Event()
         self._next_head_check = 0.0
+        self._head_misses = 0
         self.warm_pool: WarmPool | None = None
         self.webhooks: WebhookSender | None = None
 
@@ -107,7 +111,14 @@ class DispatcherService:
         if head is None or time.monotonic() < self._next_head_check:
             return self.ray_jobs
         self._next_head_check = time.monotonic() + HEAD_CHECK_S
-        if not head.running():
+        if head.running():
+            self._head_misses = 0
+            return self.ray_jobs
+        # A `ray start` process that is gone is gone; a GCS that does not accept a connection may only be
+        # busy (a loaded machine): that must repeat before the head is replaced (and its jobs with it).
+        self._head_misses += 1
+        if not process_running(head.pid) or self._head_misses >= HEAD_MISSES:
+            self._head_misses = 0
             self._replace_head(head)
         return self.ray_jobs
 

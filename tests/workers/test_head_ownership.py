@@ -247,3 +247,22 @@ def test_api_workers_ask_the_head_recorded_now(tmp_path: Path) -> None:
         artifacts_dir=tmp_path, ray_state_file=settings.ray_state_file, ray_address="http://r:8265"
     )
     assert local_head_url(remote) is None  # a cluster joined through RAY_ADDRESS has no local head
+
+
+def test_a_busy_gcs_is_not_taken_for_a_dead_head_until_it_misses_in_a_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.service import DispatcherService
+
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", ray_warm_workers=0)
+    busy = LocalHead("127.0.0.1:1", "http://127.0.0.1:11", os.getpid(), 2, 1, {})  # its process runs
+    replaced: list[LocalHead] = []
+    service = DispatcherService(settings, None)  # type: ignore[arg-type]
+    service.head, service.ray_jobs = busy, LostRayJobs(busy.dashboard_url)
+    monkeypatch.setattr(service, "_replace_head", replaced.append)
+    answers = iter([False, False, True, False, False, False])  # the GCS connection, check by check
+    monkeypatch.setattr(LocalHead, "running", lambda self: next(answers))
+    for check in range(1, 7):
+        service._next_head_check = 0.0
+        service.current_ray_jobs()
+        assert len(replaced) == (1 if check == 6 else 0), f"check {check}"
