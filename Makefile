@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean mlflow-server
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,16 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/minordpo serve
 
-test: $(STAMP)
+# `mlflow server` for the MLflow tracking tests: the full mlflow package pins pyarrow<26, so it gets its own
+# venv (the service itself only needs the mlflow-skinny client)
+MLFLOW_VENV ?= .mlflow-server
+$(MLFLOW_VENV)/bin/mlflow:
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q mlflow
+
+mlflow-server: $(MLFLOW_VENV)/bin/mlflow
+
+test: $(STAMP) $(MLFLOW_VENV)/bin/mlflow
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -33,4 +42,4 @@ bench: $(STAMP)
 	$(PY) bench/train_vs_trl.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(MLFLOW_VENV) var .pytest_cache

@@ -78,6 +78,62 @@ def save_checkpoint(
     return final
 
 
+SHARDED_DIR = "sharded"
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    scorer: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loop: LoopState,
+    *,
+    rank: int,
+    keep: int,
+) -> Path | None:
+    """FSDP: every rank writes its shards of model + optimizer (torch.distributed.checkpoint) to
+    ``root/step-N/sharded``; rank 0 adds trainer_state.pt and publishes the folder. Every rank calls it;
+    rank 0 gets the path, the others None. ``root`` must be one folder that every rank sees."""
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = root / f"step-{loop.step:07d}"
+    tmp = root / f".tmp-step-{loop.step:07d}-sharded"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch_dist.barrier()
+    model_state, optim_state = get_state_dict(scorer, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / SHARDED_DIR)
+    if rank != 0:  # dcp.save returns on rank 0 only after every rank has written its files
+        torch_dist.barrier()
+        return None
+    state = {"scheduler": scheduler.state_dict(), "loop": asdict(loop), "rng": rng_state(), "sharded": True}
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    torch_dist.barrier()
+    return final
+
+
+def load_sharded_state(checkpoint: Path, scorer: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a sharded checkpoint's model and optimizer state into an already-sharded scorer (every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(scorer, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=checkpoint / SHARDED_DIR)
+    set_state_dict(scorer, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def is_sharded_checkpoint(checkpoint: Path) -> bool:
+    return (checkpoint / SHARDED_DIR).is_dir()
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.exists():

@@ -7,12 +7,15 @@ import json
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from core.spec import LoraSpec, ModelSpec
+from core.attention import flex_trainable, resolve_attn_implementation, uses_flex
+
+if TYPE_CHECKING:  # core.spec needs pydantic; the scorer path (bench/gpu_check.py) must load without it
+    from core.spec import LoraSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ def load_tokenizer(spec: ModelSpec | str, *, allow_remote_code: bool = False) ->
     """The model's tokenizer with a pad token (EOS when it has none) and right padding."""
     from transformers import AutoTokenizer
 
+    from core.spec import ModelSpec
+
     spec = ModelSpec(path=spec) if isinstance(spec, str) else spec
     _check_remote_code(spec, allow_remote_code)
     try:
@@ -83,6 +88,8 @@ def load_model(
     """A causal LM through the real `from_pretrained` path (local folder or hub id)."""
     from transformers import AutoModelForCausalLM
 
+    from core.spec import ModelSpec
+
     spec = ModelSpec(path=spec) if isinstance(spec, str) else spec
     _check_remote_code(spec, allow_remote_code)
     source = str(path_override or spec.path)
@@ -92,11 +99,22 @@ def load_model(
             revision=None if path_override else spec.revision,
             dtype=DTYPES[spec.dtype],
             trust_remote_code=spec.trust_remote_code,
-            attn_implementation=spec.attn_implementation,
+            attn_implementation=resolve_attn_implementation(spec.attn_implementation, device),
         )
     except Exception as exc:  # noqa: BLE001
+        if spec.attn_implementation == "auto" and resolve_attn_implementation("auto", device) != "sdpa":
+            log.warning("model %s cannot use flex_attention (%s); falling back to sdpa", source, exc)
+            return load_model(
+                spec.model_copy(update={"attn_implementation": "sdpa"}),
+                allow_remote_code=allow_remote_code,
+                device=device,
+                path_override=path_override,
+            )
         raise ModelLoadError(f"cannot load model from {source!r}: {exc}") from exc
     model.config.use_cache = False
+    if spec.attn_implementation == "auto" and uses_flex(model) and not flex_trainable(model.config):
+        log.warning("model %s has attention dropout, which flex_attention refuses; using sdpa", source)
+        model.set_attn_implementation("sdpa")
     return model.to(device)
 
 

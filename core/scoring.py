@@ -12,16 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from core.attention import prepare_attention
 from core.models import causal_lm
 from core.packing import PackedBatch
 from core.precision import autocast, compute_dtype
-from core.spec import TrainingSpec
+
+if TYPE_CHECKING:  # core.spec needs pydantic; the scorer must import without it (bench/gpu_check.py)
+    from core.spec import TrainingSpec
 
 LOGPS_CHUNK_SIZE = 1024
 """Completion positions per LM-head chunk by default (TrainingSpec.logps_chunk_size)."""
@@ -64,10 +68,11 @@ class PairScorer(nn.Module):
         head = lm.get_output_embeddings()
         device = batch.input_ids.device
         dtype = next(decoder.parameters()).dtype
+        batch, attention_mask = prepare_attention(batch, lm, dtype)  # dense mask, or BlockMask for flex
         with autocast(self.compute_dtype, device):
             out = decoder(
                 input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask(dtype),
+                attention_mask=attention_mask,
                 position_ids=batch.position_ids,
                 use_cache=False,
             )

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         description="FastAPI's OpenTelemetry spans, metrics and logs (needs an OpenTelemetry SDK set up in "
         "the process, e.g. by opentelemetry-instrument); off, nothing checks for one on each request",
     )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        max_length=2048,
+        description="MLflow tracking server (http(s)://host:port) every job reports its run to; unset: none",
+    )
     webhook_secret: SecretStr | None = Field(
         None, description="Master secret for webhook signatures (default: generated in the artifacts dir)"
     )
@@ -105,6 +110,11 @@ class Settings(BaseSettings):
         False,
         validation_alias=AliasChoices("MINORDPO_HUB_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"),
         description="No model hub: /v1/jobs:validate answers a hub id with 422 at once (also HF_HUB_OFFLINE)",
+    )
+    hub_datasets_root: Path | None = Field(
+        None,
+        description="A local mirror of hub datasets: `hf:OWNER/NAME` loads the dataset repository folder "
+        "`<root>/OWNER/NAME` with the same datasets.load_dataset (for air-gapped servers and tests)",
     )
 
     def token_text(self) -> str:

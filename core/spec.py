@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.data.hub import hub_name, is_hub_dataset
 from core.loss_names import LOSS_NAMES
 
 #: Upper bound of every step and row count in a spec (keeps each integer well inside 64 bits).
@@ -35,7 +36,10 @@ class ModelSpec(StrictModel):
     revision: str | None = Field(None, max_length=256, description="Hub revision (ignored for local folders)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     trust_remote_code: bool = Field(False, description="Refused unless the operator allows remote code")
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        "auto",
+        description="auto: flex_attention (a BlockMask over the packed rows) on CUDA, sdpa on CPU",
+    )
 
 
 class DatasetSpec(StrictModel):
@@ -44,9 +48,20 @@ class DatasetSpec(StrictModel):
     train: str = Field(
         min_length=1,
         max_length=4096,
-        description="Path to .jsonl/.json/.jsonl.gz/.parquet/load_from_disk folder, or ds_<id>",
+        description="Path to .jsonl/.json/.jsonl.gz/.parquet/load_from_disk folder, ds_<id>, or hf:OWNER/NAME",
     )
     eval: str | None = Field(None, max_length=4096, description="Held-out file; exclusive with eval_fraction")
+    hub_split: str = Field("train", min_length=1, max_length=128, description="Split of an hf: train dataset")
+    hub_eval_split: str = Field(
+        "test", min_length=1, max_length=128, description="Split of an hf: eval dataset"
+    )
+    hub_subset: str | None = Field(None, max_length=128, description="Config (subset) name of hf: datasets")
+    hub_data_dir: str | None = Field(
+        None, max_length=512, description="data_dir inside hf: dataset repositories"
+    )
+    hub_revision: str | None = Field(
+        None, max_length=256, description="Branch, tag or commit of hf: datasets"
+    )
     eval_fraction: float = Field(0.0, ge=0.0, lt=0.5)
     format: DatasetFormat = "auto"
     on_bad_row: Literal["skip", "fail"] = Field(
@@ -57,6 +72,24 @@ class DatasetSpec(StrictModel):
         True,
         description="Cut long prompts from the left (keep their end); if false, rows with no room are bad rows",
     )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _hub_id_shape(cls, value: str | None) -> str | None:
+        if value is not None and is_hub_dataset(value):
+            hub_name(value)  # ValueError names the value
+        return value
+
+    @field_validator("hub_data_dir")
+    @classmethod
+    def _relative_data_dir(cls, value: str | None) -> str | None:
+        if value is not None and (
+            value.startswith(("/", "\\", "~")) or ".." in value.replace("\\", "/").split("/")
+        ):
+            raise ValueError(
+                "hub_data_dir must be a folder inside the dataset repository (no leading / and no ..)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DatasetSpec:
@@ -189,6 +222,9 @@ class ResourcesSpec(StrictModel):
         "PACK", description="How Ray places the workers' bundles across nodes"
     )
     max_retries: int = Field(1, ge=0, le=100, description="Worker-group restarts from the last checkpoint")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a full model copy per worker; fsdp: FSDP2 shards weights, grads, optimizer"
+    )
 
     def needs(self) -> dict[str, float]:
         """The cluster resources the whole job reserves: CPUs, and GPUs when it asks for them."""
@@ -223,6 +259,24 @@ class WebhookSpec(StrictModel):
         min_length=1,
         description="Which deliveries to send (default: all)",
     )
+
+
+class MlflowTrackingSpec(StrictModel):
+    """Where the job's MLflow run goes (the server is the operator's MINORDPO_MLFLOW_TRACKING_URI)."""
+
+    experiment: str = Field(
+        "minordpo", min_length=1, max_length=256, description="MLflow experiment name (created if missing)"
+    )
+    run_name: str | None = Field(None, min_length=1, max_length=256, description="Default: the job's name")
+    tags: dict[
+        Annotated[str, Field(min_length=1, max_length=250)], Annotated[str, Field(max_length=5000)]
+    ] = Field(default_factory=dict, max_length=50, description="Extra tags set on the run")
+
+
+class TrackingSpec(StrictModel):
+    """Experiment trackers the job also reports to."""
+
+    mlflow: MlflowTrackingSpec | None = None
 
 
 class JobSpec(StrictModel):
@@ -264,6 +318,10 @@ class JobSpec(StrictModel):
         description="Groups jobs for comparison (a sweep); list them with GET /v1/jobs?group=",
     )
     webhooks: list[WebhookSpec] = Field(default_factory=list, max_length=10)
+    tracking: TrackingSpec | None = Field(
+        None,
+        description="MLflow experiment, run name and tags (used when MINORDPO_MLFLOW_TRACKING_URI is set)",
+    )
 
     @field_validator("webhooks")
     @classmethod

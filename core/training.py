@@ -23,9 +23,12 @@ from torch import Tensor, nn
 
 from core.checkpointing import (
     LoopState,
+    is_sharded_checkpoint,
     latest_checkpoint,
+    load_sharded_state,
     load_trainer_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
 )
 from core.data import EncodedPair, LengthGroupedBatches, ValidationReport, prepare_data
@@ -45,6 +48,7 @@ from core.precision import allow_tf32_for_fp32, compute_dtype
 from core.reference_source import ReferenceSetup, ReferenceSource, build_reference
 from core.reporting import NullReporter, Reporter
 from core.scoring import PairScorer, scorer_for
+from core.sharding import fsdp_wrapper, full_model_state_dict, full_tensor
 from core.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -130,6 +134,8 @@ class Trainer:
             spec.loss.names, spec.loss.weight_values, spec.loss.beta, spec.loss.extra()
         )
         self.checkpoint_root = options.output_dir / "checkpoints"
+        # FSDP2 needs a process group; one process without one runs unsharded
+        self.fsdp = spec.resources.strategy == "fsdp" and torch.distributed.is_initialized()
 
     # ----- set-up -------------------------------------------------------------------------
     def _resume_checkpoint(self) -> Path | None:
@@ -143,7 +149,7 @@ class Trainer:
     def _load_policy(self, checkpoint: Path | None) -> nn.Module:
         spec = self.spec
         allow = self.options.allow_remote_code
-        if checkpoint is None:
+        if checkpoint is None or is_sharded_checkpoint(checkpoint):  # shards are loaded after sharding
             policy = load_model(spec.model, allow_remote_code=allow, device=self.device)
             return apply_lora(policy, spec.lora) if spec.lora else policy
         if spec.lora:
@@ -200,7 +206,15 @@ class Trainer:
 
         scorer = scorer_for(policy, t, self.device)
         scorer.train()
-        train_scorer = dist.wrap_model(scorer) if dist.wrap_model else scorer
+        wrap = dist.wrap_model
+        if self.fsdp:
+            if spec.lora:
+                raise TrainingError(
+                    "fsdp_lora_unsupported", "resources.strategy fsdp does not support lora yet"
+                )
+            scorer.compute_dtype = torch.float32  # FSDP's MixedPrecisionPolicy casts instead of autocast
+            wrap = wrap or fsdp_wrapper(self.device, dtype)
+        train_scorer = wrap(scorer) if wrap else scorer
         optimizer = build_optimizer(scorer, t)
         plan = LengthGroupedBatches(
             [p.length for p in data.train], t.batch_size, t.seed, rank=dist.rank, world_size=dist.world_size
@@ -216,7 +230,10 @@ class Trainer:
         loop = LoopState()
         if checkpoint is not None:
             state = load_trainer_state(checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
+            if state.get("sharded"):
+                load_sharded_state(checkpoint, scorer, optimizer)
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             loop = state["loop"]
             set_rng_state(state["rng"])
@@ -250,6 +267,8 @@ class Trainer:
                 batch = pack_pairs([data.train[i] for i in idx], idx, self.pad_id).to(self.device)
                 tokens, slots = tokens + batch.num_tokens, slots + batch.segments.numel()
                 sync = micro == t.grad_accum_steps - 1 or not hasattr(train_scorer, "no_sync")
+                if self.fsdp:  # FSDP2: reduce-scatter on the last micro-batch only
+                    train_scorer.set_requires_gradient_sync(micro == t.grad_accum_steps - 1)
                 with nullcontext() if sync else train_scorer.no_sync():
                     per_pair, values = self._score(train_scorer, batch, reference)
                     (per_pair.mean() / t.grad_accum_steps).backward()
@@ -259,7 +278,7 @@ class Trainer:
             if not math.isfinite(reduced["loss"]):
                 raise TrainingError("non_finite_loss", f"loss is {reduced['loss']} at step {loop.step + 1}")
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             if not math.isfinite(grad_norm):
                 raise TrainingError(
                     "non_finite_gradient", f"gradient norm is {grad_norm} at step {loop.step + 1}"
@@ -288,14 +307,14 @@ class Trainer:
                 eval_metrics = self.evaluate(scorer, data.eval, len(data.train), reference)
                 self.reporter.metrics(loop.step, eval_metrics)
             if t.checkpoint_every and loop.step % t.checkpoint_every == 0 and loop.step < total_steps:
-                self._checkpoint(policy, optimizer, scheduler, loop, metrics)
+                self._checkpoint(scorer, optimizer, scheduler, loop, metrics)
 
         if data.eval and status == "completed" and not (t.eval_every and loop.step % t.eval_every == 0):
             eval_metrics = self.evaluate(scorer, data.eval, len(data.train), reference)
             self.reporter.metrics(loop.step, eval_metrics)
-        final_dir = self._save_final(policy, tokenizer) if status == "completed" else None
+        final_dir = self._save_final(scorer, tokenizer) if status == "completed" else None
         if status == "cancelled":
-            self._checkpoint(policy, optimizer, scheduler, loop, metrics)
+            self._checkpoint(scorer, optimizer, scheduler, loop, metrics)
         self.reporter.event(status, f"training {status} at step {loop.step}", {"step": loop.step})
         return TrainResult(status, loop.step, total_steps, metrics, eval_metrics, final_dir, data.report)
 
@@ -357,28 +376,38 @@ class Trainer:
         return {f"eval/{k}": v for k, v in sums.reduce(self.dist.all_reduce_sum).items()}
 
     def _checkpoint(
-        self, policy: nn.Module, optimizer: Any, scheduler: Any, loop: LoopState, metrics: dict
+        self, scorer: PairScorer, optimizer: Any, scheduler: Any, loop: LoopState, metrics: dict
     ) -> None:
         path = None
-        if self.dist.rank == 0:
+        keep = self.spec.training.keep_checkpoints
+        if self.fsdp:
+            path = save_sharded_checkpoint(
+                self.checkpoint_root, scorer, optimizer, scheduler, loop, rank=self.dist.rank, keep=keep
+            )
+        elif self.dist.rank == 0:
             path = save_checkpoint(
                 self.checkpoint_root,
-                policy,
+                scorer.model,
                 optimizer,
                 scheduler,
                 loop,
-                keep=self.spec.training.keep_checkpoints,
+                keep=keep,
             )
         self.reporter.checkpoint(loop.step, path, metrics)
 
-    def _save_final(self, policy: nn.Module, tokenizer: Any) -> Path | None:
+    def _save_final(self, scorer: PairScorer, tokenizer: Any) -> Path | None:
+        policy = scorer.model
+        full = full_model_state_dict(scorer) if self.fsdp else None  # a collective: every rank
         if self.dist.rank != 0:
             return None
         out = self.options.output_dir / "final"
-        if is_peft(policy):
-            policy.save_pretrained(out / "adapter", safe_serialization=True)
-            policy = policy.merge_and_unload()
-        policy.save_pretrained(out, safe_serialization=True)
+        if full is not None:  # FSDP: rank 0 writes the gathered weights as one HF folder
+            policy.save_pretrained(out, state_dict=full, safe_serialization=True)
+        else:
+            if is_peft(policy):
+                policy.save_pretrained(out / "adapter", safe_serialization=True)
+                policy = policy.merge_and_unload()
+            policy.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         self.reporter.event("final_model", f"final model saved to {out}", {"path": str(out)})
         return out

@@ -94,6 +94,7 @@ class DriverEnv:
     artifacts_dir: Path
     allow_remote_code: bool
     data_limits: dict[str, int] = field(default_factory=dict)
+    mlflow_tracking_uri: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DriverEnv:
@@ -101,7 +102,8 @@ class DriverEnv:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             url = "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
         limits = dataclasses.asdict(settings.data_limits())
-        return cls(url, settings.artifacts_dir.resolve(), settings.allow_remote_code, limits)
+        uri = settings.mlflow_tracking_uri
+        return cls(url, settings.artifacts_dir.resolve(), settings.allow_remote_code, limits, uri)
 
     def as_env(self) -> dict[str, str]:
         return {
@@ -109,6 +111,7 @@ class DriverEnv:
             "MINORDPO_ARTIFACTS_DIR": str(self.artifacts_dir),
             "MINORDPO_ALLOW_REMOTE_CODE": "true" if self.allow_remote_code else "false",
             **{f"MINORDPO_{name.upper()}": str(value) for name, value in self.data_limits.items()},
+            **({"MINORDPO_MLFLOW_TRACKING_URI": uri} if (uri := self.mlflow_tracking_uri) else {}),
         }
 
     def write(self) -> Path:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from core.settings import get_settings
 from core.spec import JobSpec
@@ -36,22 +36,40 @@ log = logging.getLogger("workers.entrypoint")
 CANCEL_POLL_S = 1.0
 
 
-class JobWriter:
-    """Writes what a run reports into the store, one short transaction per row."""
+class TrackingSink(Protocol):
+    """An experiment tracker that gets a copy of what the store gets (workers.tracking_mlflow)."""
 
-    def __init__(self, db: Database, job_id: str) -> None:
+    def metrics(self, step: int, values: dict[str, float]) -> None: ...
+    def event(self, kind: str, message: str, data: dict[str, Any]) -> None: ...
+    def finish(self, status: str, final_model_dir: str | None = None) -> None: ...
+
+
+class JobWriter:
+    """Writes what a run reports into the store, one short transaction per row, then to the tracker."""
+
+    def __init__(self, db: Database, job_id: str, tracker: TrackingSink | None = None) -> None:
         self.db = db
         self.job_id = job_id
+        self.tracker = tracker
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         with self.db.write() as s:
             append_metrics(s, self.job_id, [{"step": step, "time": time.time(), "values": values}])
+        if self.tracker is not None:
+            self.tracker.metrics(step, values)
 
     def event(self, kind: str, message: str, data: dict[str, Any]) -> None:
         with self.db.write() as s:
             if kind == "started" and data.get("total_steps"):
                 update_progress(s, self.job_id, total_steps=int(data["total_steps"]))
             append_event(s, self.job_id, kind, message, data)
+        if self.tracker is not None:
+            self.tracker.event(kind, message, data)
+
+    def finish(self, status: str, final_model_dir: str | None) -> None:
+        """Close the tracker's run; called before the store's terminal move, which takes no events after."""
+        if self.tracker is not None:
+            self.tracker.finish(status, final_model_dir)
 
     def checkpoint(self, step: int, path: str, values: dict[str, float]) -> None:
         with self.db.write() as s:
@@ -67,6 +85,17 @@ def _watch_cancel(db: Database, job_id: str, artifacts_dir: Path, done: threadin
         if job is None or job.cancel_requested:
             request_cancel(artifacts_dir, job_id)
             return
+
+
+def _tracker(db: Database, job_id: str, spec: JobSpec, tracking_uri: str | None) -> TrackingSink | None:
+    """The job's MLflow run when the operator set a tracking server; started here (failures are events)."""
+    if not tracking_uri:
+        return None
+    from workers.tracking_mlflow import MlflowTracker
+
+    tracker = MlflowTracker(db, job_id, spec, tracking_uri)
+    tracker.start()
+    return tracker
 
 
 def run(job_id: str) -> int:
@@ -85,7 +114,7 @@ def run(job_id: str) -> int:
         if job.is_terminal:
             log.warning("job %s is already %s", job_id, job.status)
             return 0
-    writer = JobWriter(db, job_id)
+    writer = JobWriter(db, job_id, _tracker(db, job_id, spec, settings.mlflow_tracking_uri))
     ray_cluster.connect("auto")
     done = threading.Event()
     watcher = threading.Thread(
@@ -107,11 +136,13 @@ def run(job_id: str) -> int:
         )
     except Exception as exc:  # noqa: BLE001 - record every failure as the job's error
         log.exception("job %s crashed", job_id)
+        writer.finish("failed", None)
         with db.write() as s:
             transition(s, job_id, "failed", error=JobError("driver_error", f"{type(exc).__name__}: {exc}"))
         return 0
     finally:
         done.set()
+    writer.finish(outcome.status, str(outcome.final_model_dir) if outcome.final_model_dir else None)
     with db.write() as s:
         if outcome.final_model_dir is not None:
             append_event(

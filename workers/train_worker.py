@@ -16,6 +16,8 @@ from torch import Tensor
 from core.data import DatasetError
 from core.data.limits import DataLimits
 from core.models import ModelLoadError
+from core.precision import compute_dtype
+from core.sharding import fsdp_wrapper
 from core.spec import JobSpec
 from core.training import Distributed, RunOptions, Trainer, TrainingError
 from workers.conventions import CANCEL_FILE, JobPolicy
@@ -196,18 +198,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             }
 
     collectives = _Collectives(world_size)
+    device = _device(spec.resources.use_gpu)
+    if spec.resources.strategy == "fsdp" and torch_dist.is_initialized():  # FSDP2 (core.sharding)
+        wrap_model = fsdp_wrapper(device, compute_dtype(spec.training.precision, device))
+    else:
+        wrap_model = ray.train.torch.prepare_model
     dist = Distributed(
         rank=rank,
         world_size=world_size,
         all_reduce_sum=collectives.all_reduce_sum if collectives.active else None,
-        wrap_model=ray.train.torch.prepare_model,
+        wrap_model=wrap_model,
     )
     cache = config.get("cache_dir")
     policy: JobPolicy = config.get("policy") or JobPolicy()
     options = RunOptions(
         output_dir=output_dir,
         cache_dir=Path(cache) if cache else None,
-        device=_device(spec.resources.use_gpu),
+        device=device,
         allow_remote_code=policy.allow_remote_code,
         data_limits=DataLimits(**policy.data_limits),
         should_stop=make_should_stop(rank, output_dir / CANCEL_FILE, collectives),

@@ -9,10 +9,14 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from api.deps import DbDep, PrincipalDep, SettingsDep
 from api.errors import PROBLEM_JSON, Problem
 from api.services import jobs as service
-from api.services.specs import check_spec
+from api.services.auth import Principal
+from api.services.hub_datasets import hub_dataset_lookup
+from api.services.specs import SpecLookups, check_spec
 from api.services.validation import validate_spec
 from core.schemas import CheckpointList, JobOut, JobPage, MetricSeries, ValidationOut
+from core.settings import Settings
 from core.spec import JobSpec
+from core.store import Database
 
 PROBLEMS = {
     code: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": text}
@@ -54,13 +58,19 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JobOut:
     """Queue a training job. Local paths must lie under the allowed roots; `ds_...` ids name uploaded datasets."""
-    checked = check_spec(spec, settings, service.spec_lookups(db, principal))
+    checked = check_spec(spec, settings, _lookups(request, db, settings, principal))
     job, created = service.create(db, principal, checked, idempotency_key)
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
+
+
+def _lookups(request: Request, db: Database, settings: Settings, principal: Principal) -> SpecLookups:
+    """The caller's id lookups, with `hf:` datasets loaded on the app's hub threads (the tokenizers' HubLoads)."""
+    hub = request.app.state.tokenizers.hub
+    return service.spec_lookups(db, principal, hub_dataset=hub_dataset_lookup(settings, hub))
 
 
 @router.post(
@@ -79,7 +89,7 @@ def validate_job(
     spec: JobSpec, request: Request, db: DbDep, settings: SettingsDep, principal: PrincipalDep
 ) -> ValidationOut:
     """Check the spec, the path policy and the dataset (rows, bad lines, token lengths, truncation) without queuing."""
-    checked = check_spec(spec, settings, service.spec_lookups(db, principal))
+    checked = check_spec(spec, settings, _lookups(request, db, settings, principal))
     return validate_spec(checked, request.app.state.tokenizers, settings.data_limits())
 
 

@@ -40,18 +40,27 @@ class HubLoads:
             threads=settings.hub_load_threads, timeout_s=settings.hub_timeout_s, offline=settings.hub_offline
         )
 
-    def refuse_offline(self, model_id: str) -> None:
-        """A 422 naming model.path if this server is offline (no hub: the model must be a local folder)."""
+    def refuse_offline(self, model_id: str, *, loc: str = LOC, offline_msg: str | None = None) -> None:
+        """A 422 naming `loc` if this server is offline (no hub: the model must be a local folder)."""
         if self.offline:
-            msg = (
+            msg = offline_msg or (
                 f"'{model_id}' is a model hub id, but this server is offline (MINORDPO_HUB_OFFLINE or "
                 "HF_HUB_OFFLINE): the model must be a local folder under the allowed paths"
             )
-            raise ProblemError(422, f"{LOC}: {msg}", errors=[{"loc": LOC, "msg": msg}])
+            raise ProblemError(422, f"{loc}: {msg}", errors=[{"loc": loc, "msg": msg}])
 
-    def run(self, model_id: str, load: Callable[[], T]) -> T:
-        """`load()` for hub id `model_id`, or a ProblemError: 422 offline or past the deadline, 503 when busy."""
-        self.refuse_offline(model_id)
+    def run(
+        self,
+        model_id: str,
+        load: Callable[[], T],
+        *,
+        loc: str = LOC,
+        offline_msg: str | None = None,
+        check_offline: bool = True,
+    ) -> T:
+        """`load()` for hub id `model_id`, or a ProblemError naming `loc`: 422 offline or past the deadline, 503 busy."""
+        if check_offline:
+            self.refuse_offline(model_id, loc=loc, offline_msg=offline_msg)
         if not self._slots.acquire(blocking=False):
             raise ProblemError(
                 503,
@@ -65,9 +74,10 @@ class HubLoads:
         except TimeoutError:
             msg = (
                 f"the model hub did not answer for '{model_id}' within {self.timeout_s:g} s "
-                "(MINORDPO_HUB_TIMEOUT_S); check the hub id and the server's network, or give a local folder"
+                "(MINORDPO_HUB_TIMEOUT_S); check the hub id and the server's network, or give a local "
+                + ("folder" if loc == LOC else "file")
             )
-            raise ProblemError(422, f"{LOC}: {msg}", errors=[{"loc": LOC, "msg": msg}]) from None
+            raise ProblemError(422, f"{loc}: {msg}", errors=[{"loc": loc, "msg": msg}]) from None
 
     def _work(self, load: Callable[[], T], future: Future[T]) -> None:
         try:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ProblemError, not_found
 from api.services.auth import Principal
+from api.services.hub_datasets import HubDatasetLookup
 from api.services.specs import CheckedSpec, SpecLookups
 from core.schemas import (
     CheckpointList,
@@ -49,7 +50,9 @@ from core.store import (
 MAX_IDEMPOTENCY_KEY = 255
 
 
-def spec_lookups(db: Database, principal: Principal) -> SpecLookups:
+def spec_lookups(
+    db: Database, principal: Principal, hub_dataset: HubDatasetLookup | None = None
+) -> SpecLookups:
     """Resolve a spec's `ds_...` ids to stored files and job ids to final models, as visible to the caller."""
 
     def dataset(dataset_id: str) -> str | None:
@@ -64,7 +67,7 @@ def spec_lookups(db: Database, principal: Principal) -> SpecLookups:
             path = final_model_path(session, job_id)
         return path if path is not None and Path(path).is_dir() else None
 
-    return SpecLookups(dataset=dataset, final_model=final_model)
+    return SpecLookups(dataset=dataset, final_model=final_model, hub_dataset=hub_dataset)
 
 
 def _queue_positions(session: Session, jobs: Sequence[Job]) -> dict[str, int]:

@@ -123,5 +123,10 @@ def _check_place_if_local(value: str, field: str, policy: PathPolicy, base: Path
 def resolve_dataset_file(
     value: str, field: str, policy: PathPolicy, *, base: Path | None = None
 ) -> ResolvedPath:
-    """A dataset is always local (file or load_from_disk folder) and must resolve inside the roots."""
+    """A dataset file or load_from_disk folder must resolve inside the roots; `hf:` values are hub references.
+
+    A `hf:` value is never read as a local path: it is passed through (is_hub_id) for the hub loader.
+    """
+    if value.startswith("hf:"):
+        return ResolvedPath(value, is_hub_id=True)
     return ResolvedPath(str(resolve_local(value, field, policy, base=base)))

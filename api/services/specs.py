@@ -27,6 +27,8 @@ class SpecLookups:
 
     dataset: Callable[[str], str | None]
     final_model: Callable[[str], str | None] = lambda _job_id: None
+    #: `hf:` datasets: (value, field, DatasetSpec, is_eval) -> saved local folder (None: refused here)
+    hub_dataset: Callable[[str, str, Any, bool], str] | None = None
 
 
 def path_policy(settings: Settings) -> PathPolicy:
@@ -49,13 +51,21 @@ def parse_spec(body: Any) -> JobSpec:
         raise ProblemError(422, summary(errors), errors=errors) from exc
 
 
-def _dataset_value(value: str, field: str, policy: PathPolicy, lookups: SpecLookups) -> str:
+def _dataset_value(
+    value: str, field: str, policy: PathPolicy, lookups: SpecLookups, dataset: Any = None
+) -> str:
+    """A dataset id's stored file, a hub dataset's saved folder (lookups.hub_dataset), or a checked local path."""
     if DATASET_ID.match(value):
         stored = lookups.dataset(value)
         if stored is None:
             raise invalid(field, f"unknown dataset id '{value}'")
         return stored
-    return resolve_dataset_file(value, field, policy).value
+    resolved = resolve_dataset_file(value, field, policy)
+    if resolved.is_hub_id:
+        if lookups.hub_dataset is None:
+            raise invalid(field, f"hub datasets ('{value}') are not available here")
+        return lookups.hub_dataset(value, field, dataset, field == "dataset.eval")
+    return resolved.value
 
 
 @dataclass(frozen=True)
@@ -86,13 +96,17 @@ def check_spec(spec: JobSpec, settings: Settings, lookups: SpecLookups) -> Check
         (
             "dataset.train",
             spec.dataset.train,
-            lambda: _dataset_value(spec.dataset.train, "dataset.train", policy, lookups),
+            lambda: _dataset_value(spec.dataset.train, "dataset.train", policy, lookups, spec.dataset),
         ),
     ]
     if spec.dataset.eval:
         eval_value = spec.dataset.eval
         checks.append(
-            ("dataset.eval", eval_value, lambda: _dataset_value(eval_value, "dataset.eval", policy, lookups))
+            (
+                "dataset.eval",
+                eval_value,
+                lambda: _dataset_value(eval_value, "dataset.eval", policy, lookups, spec.dataset),
+            )
         )
     for field, _value, resolve in checks:
         try:
@@ -111,7 +125,7 @@ def check_spec(spec: JobSpec, settings: Settings, lookups: SpecLookups) -> Check
     )
     paths = {spec.dataset.train: resolved["dataset.train"]}
     if spec.dataset.eval:
-        paths[spec.dataset.eval] = resolved["dataset.eval"]
+        paths.setdefault(spec.dataset.eval, resolved["dataset.eval"])  # an eval of the train's hf: id differs
     return CheckedSpec(spec, resolved_spec, paths, model.is_hub_id)
 
 

@@ -71,6 +71,16 @@ def _dataset_problem(exc: DatasetError, spec: JobSpec) -> ProblemError:
     return ProblemError(status, f"{field}: {exc}", errors=[{"loc": field, "msg": str(exc)}])
 
 
+def _resolver(checked: CheckedSpec) -> Any:
+    """Spec values to checked paths; `for_eval` maps dataset.eval (train and eval may share an `hf:` value)."""
+
+    def resolve(value: str) -> str:
+        return checked.paths.get(value, value)
+
+    resolve.for_eval = lambda value: checked.resolved.dataset.eval or resolve(value)  # type: ignore[attr-defined]
+    return resolve
+
+
 def validate_spec(
     checked: CheckedSpec, tokenizers: TokenizerCache, limits: DataLimits = DEFAULT_LIMITS
 ) -> ValidationOut:
@@ -85,7 +95,7 @@ def validate_spec(
             tokenizer,
             spec.training.max_length,
             spec.training.seed,
-            resolve_path=lambda value: checked.paths.get(value, value),
+            resolve_path=_resolver(checked),
             limits=limits,
         )
     except DatasetError as exc:

@@ -16,6 +16,7 @@ import torch
 from core.data.encode import EncodedPair, RawLengths, encode_batch
 from core.data.errors import DatasetError, RowError
 from core.data.formats import PreferenceText, detect_format, normalise, require_chat_template
+from core.data.hub import default_resolver
 from core.data.limits import DEFAULT_LIMITS, DataLimits
 from core.data.readers import read_rows
 from core.data.report import MAX_SKIPPED_LISTED, LengthStats, SkippedRow, TokenLengths, ValidationReport
@@ -247,13 +248,14 @@ def prepare_data(
     """Read and encode ``spec.train`` (and ``spec.eval``), honouring format, on_bad_row, max_rows and the eval split.
 
     ``spec`` is a core.spec.DatasetSpec. ``resolve_path`` maps a spec path or uploaded dataset id to a
-    local path (default: the string as given, relative to the working directory); errors name the
+    local path (default: the string as given, relative to the working directory, and `hf:OWNER/NAME`
+    loaded through core.data.hub into `<artifacts_dir>/hub-datasets`); errors name the
     string from the spec. Raises DatasetError for a missing or unreadable file, a file over ``limits``,
     a file with no usable rows, a tokenizer that cannot render chat data, or (on_bad_row="fail") the
     first bad row; never RecursionError, whatever the data holds.
     """
     try:
-        return _prepare(spec, tokenizer, max_length, seed, resolve_path or Path, limits)
+        return _prepare(spec, tokenizer, max_length, seed, resolve_path or default_resolver(spec), limits)
     except RecursionError as exc:  # a last guard: the readers refuse deep rows before anything recurses
         raise DatasetError("the data is nested too deeply to read", path=spec.train) from exc
 
@@ -274,7 +276,13 @@ def _prepare(
     eval_src = None
     if spec.eval:
         eval_src = _load(
-            spec.eval, resolve(spec.eval), spec.format, tokenizer, max_length, max_rows=None, **options
+            spec.eval,
+            getattr(resolve, "for_eval", resolve)(spec.eval),
+            spec.format,
+            tokenizer,
+            max_length,
+            max_rows=None,
+            **options,
         )
         train, eval_pairs = train_src.pairs, eval_src.pairs
     else:

@@ -79,6 +79,20 @@ def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_fil
     assert {e["kind"] for e in after} <= {"webhook"}
 
 
+def test_fsdp_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_file):
+    from transformers import AutoModelForCausalLM
+
+    job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=4, strategy="fsdp"))
+    job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job.get("error")
+    assert metric_steps(server, job_id) == [1, 2, 3, 4]
+    ckpts = httpx.get(f"{server.url}/v1/jobs/{job_id}/checkpoints", timeout=10).json()["data"]
+    assert [c["step"] for c in ckpts] == [3]
+    assert (Path(ckpts[0]["path"]) / "sharded" / ".metadata").exists()  # torch.distributed.checkpoint
+    final = server.root / "var" / "artifacts" / "jobs" / job_id / "final"
+    assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "llama"
+
+
 def _idle_and_busy(raylet: int) -> tuple[set[int], dict[int, tuple[str, dict[str, str]]]]:
     """The raylet's idle worker processes, and the others that run something (title, environment)."""
     children = child_processes(raylet)

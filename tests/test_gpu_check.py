@@ -1,0 +1,48 @@
+"""bench/gpu_check.py --dry-run runs every stage end to end on CPU, so the GPU check cannot rot unseen."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_every_stage(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_check.py",
+            "--dry-run",
+            "--out",
+            str(tmp_path),
+            "--config-timeout",
+            "240",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stages = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(stages) == {"env", "parity", "throughput", "memory7b"}
+    for name, stage in stages.items():
+        failed = [r for r in stage["results"] if not r["ok"]]
+        assert not failed, f"{name}: {failed}"
+    assert stages["env"]["results"][0]["bf16_matmul_tflops"] > 0
+    parity = stages["parity"]["results"]
+    assert {(r["attn"], r["precision"]) for r in parity} == {
+        (a, p) for a in ("flex_attention", "sdpa") for p in ("fp32", "bf16")
+    }
+    for r in parity:  # packed scorer == plain causal forwards (summed log-probs of hundreds of nats)
+        assert r["max_rel_diff"] < (1e-5 if r["precision"] == "fp32" else 1e-2), r
+    throughput = stages["throughput"]
+    assert all(r["pairs_per_s"] > 0 for r in throughput["results"])
+    assert throughput["summary"]["step1_logps_max_abs_diff_flex_vs_sdpa"] < 0.05  # bf16 rounding only
+    assert [r["layers"] for r in stages["memory7b"]["results"]] == [1, 2]
