@@ -46,7 +46,7 @@ def test_quickstart_make_tiny_model_then_train_on_hh(tmp_path, artifacts):
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     kinds = [e["kind"] for e in read_jsonl(run_dir / "events.jsonl")]
-    assert kinds[:2] == ["status", "data"] and kinds[-1] == "completed"
+    assert kinds[:2] == ["preparing", "data"] and kinds[-1] == "completed"
     assert json.loads((run_dir / "spec.json").read_text())["training"]["max_steps"] == 4
     assert (run_dir / "final" / "model.safetensors").exists()
 
