@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,3 +130,18 @@ def save_gpt2_tokenizer(folder: Path, chat_template: str | None = None) -> Path:
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding only the GPT-2 tokenizer (enough for /v1/jobs:validate)."""
     return save_gpt2_tokenizer(tmp_path_factory.mktemp("tokenizer-model"))
+
+
+@contextlib.contextmanager
+def closed_hub_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The hub client online and pointed at a bound, never-listening loopback port; yields its URL."""
+    import huggingface_hub.constants as hub
+
+    with socket.socket() as sock:  # bound, never listening: a connection is refused
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MINORDPO_HUB_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hub, "ENDPOINT", endpoint)
+        yield endpoint

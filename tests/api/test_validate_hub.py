@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -15,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from core.settings import Settings
-from tests.api.conftest import auth
+from tests.api.conftest import auth, closed_hub_endpoint
 
 HUB_TIMEOUT_S = 1.5
 HUB_LOAD_THREADS = 2
@@ -27,13 +26,7 @@ def unreachable_hub(monkeypatch: pytest.MonkeyPatch, roots: Path) -> Iterator[st
     import huggingface_hub.constants as hub
     from transformers import AutoTokenizer  # noqa: F401 - imported before any timing starts
 
-    with socket.socket() as sock:  # bound, never listening: a connection is refused
-        sock.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MINORDPO_HUB_OFFLINE"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(hub, "ENDPOINT", endpoint)
+    with closed_hub_endpoint(monkeypatch) as endpoint:
         monkeypatch.setattr(
             hub, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
         )

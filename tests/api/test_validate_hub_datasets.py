@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from core.settings import Settings
-from tests.api.conftest import PAIRS, auth, save_gpt2_tokenizer
+from tests.api.conftest import PAIRS, auth, closed_hub_endpoint, save_gpt2_tokenizer
 from tests.core.test_data_hub import write_hub_repo
 
 HUB_TIMEOUT_S = 1.5
@@ -111,15 +110,8 @@ def test_an_unreachable_hub_answers_within_the_deadline(
     make_settings: Callable[..., Settings], hub_spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import datasets.config
-    import huggingface_hub.constants as hub
 
-    with socket.socket() as sock:  # bound, never listening: a connection is refused
-        sock.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MINORDPO_HUB_OFFLINE"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(hub, "ENDPOINT", endpoint)
+    with closed_hub_endpoint(monkeypatch) as endpoint:
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
         monkeypatch.setattr(
