@@ -62,8 +62,11 @@ def worker_app() -> Any:
         app = create_app(settings)
         ray_jobs_url = os.environ.get(RAY_JOBS_URL_ENV)
         if ray_jobs_url:
-            # paid at start-up, not by the first /readyz; our module first: it sets Ray's auth mode
-            for module in ("workers.ray_control", "ray.job_submission"):
+            from workers.ray_env import use_token_auth
+
+            use_token_auth()  # before any Ray import: Ray reads its auth mode once per process
+            # paid at start-up, not by the first /readyz
+            for module in ("workers.ray_jobs_client", "ray.job_submission"):
                 importlib.import_module(module)
             app.state.readiness_checks["ray"] = lambda: require_ray_jobs_api(
                 local_head_url(settings) or ray_jobs_url
@@ -85,7 +88,7 @@ def worker_app() -> Any:
 
 def local_head_url(settings: Settings) -> str | None:
     """The Jobs API of the local head the dispatcher records now (it starts a new one when its head dies)."""
-    from workers.ray_control import LocalHead
+    from workers.ray_head import LocalHead
 
     head = None if settings.ray_address else LocalHead.load(settings.ray_state_file)
     return head.dashboard_url if head is not None else None
@@ -93,7 +96,7 @@ def local_head_url(settings: Settings) -> str | None:
 
 def require_ray_jobs_api(url: str) -> None:
     """Readiness check: raises when Ray's Jobs API does not answer at `url`."""
-    from workers.ray_control import RayUnavailableError, jobs_api_reachable
+    from workers.ray_jobs_client import RayUnavailableError, jobs_api_reachable
 
     if not jobs_api_reachable(url):
         raise RayUnavailableError("Ray is not reachable")

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.connection import DEFAULT, TokenOption, UrlOption, connected
+from cli.dry_run import validation_lines
 from cli.output import err, number, out
 from cli.specfile import apply_overrides, read_spec_dict
 from cli.watch import follow, report_end
@@ -68,14 +69,25 @@ def register(app: typer.Typer) -> None:
         idempotency_key: Annotated[
             str | None, typer.Option("--idempotency-key", help="Reuse to make a repeated submit a no-op")
         ] = None,
+        dry_run: Annotated[
+            bool,
+            typer.Option(
+                "--dry-run", help="Check the spec and print the estimate (tokens, steps, FLOPs, duration)"
+            ),
+        ] = False,
         url: UrlOption = DEFAULT,
         token: TokenOption = None,
     ) -> None:
-        """Queue a job; prints its id on stdout (progress and messages go to stderr)."""
+        """Queue a job; prints its id on stdout (progress and messages go to stderr); --dry-run queues nothing."""
         with connected(url, token) as client:
             spec = load_spec_dict(spec_file, overrides)
             if upload:
                 upload_local_data(client, spec)
+            if dry_run:
+                result = client.validate_job(spec)
+                for line in validation_lines(result):
+                    out.print(line, highlight=False, markup=False, soft_wrap=True)
+                raise typer.Exit(0 if result.valid else 1)
             job = client.create_job(spec, idempotency_key=idempotency_key)
             err.print(
                 f"queued {job.name} as {job.id}: {client.url}/#/jobs/{job.id}", highlight=False, markup=False

@@ -144,7 +144,7 @@ def _serve_from_workers(settings: Settings, checked_app: Any) -> None:
 def start_dispatcher(settings: Settings, application: Any = None) -> Any:
     """Connect to Ray and start the dispatcher thread; Ray's reachability joins the readiness checks."""
     from core.store import Database
-    from workers.ray_control import RayUnavailableError
+    from workers.ray_jobs_client import RayUnavailableError
     from workers.service import DispatcherService
 
     service = DispatcherService(settings, Database(settings.database_url))

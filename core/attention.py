@@ -3,9 +3,10 @@
 ``model.attn_implementation: auto`` (the default) loads the model with ``flex_attention`` on CUDA and
 ``sdpa`` elsewhere. With ``flex_attention`` the packed rows are padded to a multiple of
 ``FLEX_BUCKET`` tokens (fewer distinct shapes, so fewer recompiles of the compiled kernel) and the
-decoder gets a ``BlockMask`` built from the segment ids: causal, a completion token sees its own
-segment and the prompt, padding sees nothing. The dense mask lets a padding row see itself instead;
-padding positions never reach the log-probs, so both give the same completion log-probs.
+decoder gets a ``BlockMask`` built from the document and segment ids: causal, within one pair of
+the row, a completion token sees its own segment and the prompt, padding sees nothing. The dense
+mask lets a padding row see itself instead; padding positions never reach the log-probs, so both
+give the same completion log-probs.
 """
 
 from __future__ import annotations
@@ -89,20 +90,28 @@ def pad_batch(batch: PackedBatch, width: int, pad_id: int = 0) -> PackedBatch:
         input_ids=widen(batch.input_ids, pad_id),
         position_ids=widen(batch.position_ids, 0, positions=True),
         segments=widen(batch.segments, PAD),
+        documents=widen(batch.documents, -1),
         source_index=(source // t) * width + source % t,
     )
 
 
-def segment_block_mask(segments: Tensor, *, block_size: int = FLEX_BUCKET) -> Any:
-    """A FlexAttention ``BlockMask`` ``[B, 1, T, T]`` from packed segment ids (see module docstring)."""
+def segment_block_mask(
+    segments: Tensor, documents: Tensor | None = None, *, block_size: int = FLEX_BUCKET
+) -> Any:
+    """A FlexAttention ``BlockMask`` ``[R, 1, T, T]`` from packed segment and document ids (see module docstring).
+
+    ``documents`` None means one pair per row.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     b, t = segments.shape
+    docs = torch.zeros_like(segments) if documents is None else documents
 
     def mask_mod(batch: Tensor, head: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         seg_q, seg_k = segments[batch, q], segments[batch, kv]
         same_or_prompt = (seg_q == seg_k) | (seg_k == PROMPT)
-        return (q >= kv) & same_or_prompt & (seg_k != PAD) & (seg_q != PAD)
+        same_pair = docs[batch, q] == docs[batch, kv]
+        return (q >= kv) & same_pair & same_or_prompt & (seg_k != PAD) & (seg_q != PAD)
 
     return create_block_mask(mask_mod, b, None, t, t, device=segments.device, BLOCK_SIZE=block_size)
 
@@ -112,7 +121,7 @@ def prepare_attention(batch: PackedBatch, model: nn.Module, dtype: torch.dtype) 
     if not uses_flex(model):
         return batch, batch.attention_mask(dtype)
     batch = pad_batch(batch, bucket_length(batch.input_ids.shape[1]))
-    return batch, segment_block_mask(batch.segments)
+    return batch, segment_block_mask(batch.segments, batch.documents)
 
 
 @contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -118,6 +120,25 @@ def load_model(
     return model.to(device)
 
 
+def model_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The architecture ``config`` describes, parameters on the meta device: no memory, no weight file read.
+
+    ``config`` is a loaded model's (it carries the attention implementation and any remote-code class map).
+    """
+    from transformers import AutoModelForCausalLM
+
+    remote = bool(getattr(config, "auto_map", None))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype,
+            trust_remote_code=remote,
+            attn_implementation=getattr(config, "_attn_implementation", None),
+        )
+    model.config.use_cache = False
+    return model
+
+
 def apply_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
     """Wrap the model with trainable LoRA adapters (peft); base weights are frozen."""
     from peft import LoraConfig, get_peft_model
@@ -170,14 +191,38 @@ def adapters_disabled(model: nn.Module) -> AbstractContextManager[Any]:
     return model.disable_adapter() if is_peft(model) else nullcontext()
 
 
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a hub id's revision (a branch, a tag or a hash; default ``main``) points to in the local
+    Hugging Face cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``), without the network; None if not cached."""
+    from huggingface_hub import constants
+
+    revision = revision or "main"
+    if _COMMIT.match(revision):
+        return revision
+    cache = Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE).expanduser()
+    ref = cache / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    try:
+        commit = ref.read_text().strip()
+    except OSError:
+        return None
+    return commit if _COMMIT.match(commit) else None
+
+
 def model_fingerprint(spec: ModelSpec) -> str:
-    """Content key of a model: config and weight-file bytes for a local folder, id + revision for a hub id."""
+    """Content key of a model: config and weight-file bytes for a local folder; for a hub id, the commit
+    its revision resolves to in the local cache (the id and revision name when it is not cached)."""
     h = hashlib.sha256()
     h.update(
         json.dumps({"path_kind": "local" if _is_local(spec.path) else "hub", "dtype": spec.dtype}).encode()
     )
     if not _is_local(spec.path):
-        h.update(f"{spec.path}@{spec.revision or 'main'}".encode())
+        commit = hub_commit(spec.path, spec.revision)
+        if commit is None:
+            log.warning("%s@%s is not in the local hub cache; keying it by name", spec.path, spec.revision)
+        h.update(f"{spec.path}@{commit or spec.revision or 'main'}".encode())
         return h.hexdigest()
     root = Path(spec.path).expanduser()
     for file in sorted(root.glob("*")):

@@ -3,7 +3,8 @@
 The key covers the reference model's bytes (model_fingerprint), the tokenizer and every encoded
 example (the data fingerprint) and max_length, so a second run on the same inputs loads the table
 instead of running the reference model, and any change to model, tokenizer, data or length
-recomputes it. With several ranks each computes a disjoint share and one all-reduce joins them.
+recomputes it. With several ranks each computes a disjoint share and one all-reduce joins them; the
+key and the hit-or-miss decision are rank 0's alone (core.reference_source).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.packing import PairTokens, pack_pairs
+from core.packing import PairTokens
 from core.scoring import PairScorer
 
 log = logging.getLogger(__name__)
@@ -52,20 +53,27 @@ def compute_reference(
     pad_id: int,
     all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    padding: Sequence[Sequence[int]] = (),
 ) -> ReferenceTable:
-    """Score ``pairs`` with the reference, ``batches`` being this rank's share of example indices."""
+    """Score ``pairs`` with the reference, ``batches`` being this rank's share of example indices.
+
+    ``padding``: batches scored after this rank's share only so that a sharded scorer runs as many
+    forward passes on every rank (its collectives must match); their results are dropped.
+    """
     n = len(pairs)
     table = torch.zeros(2, n, dtype=torch.float64)
     was_training = scorer.training
     scorer.eval()
     with torch.no_grad():
         for k, idx in enumerate(batches):
-            batch = pack_pairs([pairs[i] for i in idx], idx, pad_id).to(device)
+            batch = scorer.layout.pack([pairs[i] for i in idx], idx, pad_id).to(device)
             scores = scorer(batch)
             table[0, list(idx)] = scores.chosen_logps.double().cpu()
             table[1, list(idx)] = scores.rejected_logps.double().cpu()
             if progress is not None:
                 progress(k + 1, len(batches))
+        for idx in padding:
+            scorer(scorer.layout.pack([pairs[i] for i in idx], idx, pad_id).to(device))
     scorer.train(was_training)
     if all_reduce_sum is not None:
         table = all_reduce_sum(table)

@@ -4,10 +4,14 @@ Precomputed (the default): one no-grad pass before training. Before any update t
 reference (with LoRA: the base model, adapters disabled), so no second model is loaded; only a run
 that resumes without a cached table loads the reference weights, and frees them after the pass.
 Live: a frozen copy (or, with LoRA, the policy with adapters disabled) scores every batch.
+Under FSDP the pass runs on the sharded policy and a frozen copy is sharded too (rank 0 reads it).
+Rank 0 alone fingerprints the model, computes the cache key and decides hit or miss; a hit's table
+is broadcast, so no rank reads a cache file another rank may not see.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -22,9 +26,11 @@ from core.data import PreparedData
 from core.models import adapters_disabled, is_peft, load_model, model_fingerprint
 from core.packing import PackedBatch
 from core.precision import compute_dtype
+from core.rank_zero import share_from_rank0
 from core.reference import ReferenceCache, ReferenceTable, cache_key, compute_reference
 from core.reporting import Reporter
 from core.scoring import PairScorer, scorer_for
+from core.sharding import is_sharded, reshard_after_no_grad
 from core.spec import JobSpec
 
 
@@ -44,6 +50,7 @@ class ReferenceSource:
         if self.live is not None:
             with torch.no_grad(), self.live_context():
                 s = self.live(batch)
+            reshard_after_no_grad(self.live)
             return s.chosen_logps.detach(), s.rejected_logps.detach()
         zeros = torch.zeros(batch.num_pairs, device=self.device)  # reference-free losses
         return zeros, zeros
@@ -61,6 +68,15 @@ class ReferenceSetup:
     rank: int = 0
     world_size: int = 1
     all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+    policy_scorer: PairScorer | None = None  # the (sharded) policy's scorer, when not a plain scorer_for
+    load_sharded: Callable[[], PairScorer] | None = None  # under FSDP: a frozen, sharded reference copy
+
+    def fresh_scorer(self) -> PairScorer:
+        """A frozen scorer over freshly loaded reference weights (sharded under FSDP)."""
+        if self.load_sharded is not None:
+            return self.load_sharded()
+        ref = load_model(self.spec.model, allow_remote_code=self.allow_remote_code, device=self.device)
+        return scorer_for(ref.eval().requires_grad_(False), self.spec.training, self.device)
 
 
 def build_reference(
@@ -83,10 +99,7 @@ def build_reference(
                 live=scorer_for(policy, spec.training, setup.device),
                 live_context=lambda: adapters_disabled(policy),
             )
-        ref = load_model(spec.model, allow_remote_code=setup.allow_remote_code, device=setup.device)
-        return ReferenceSource(
-            setup.device, live=scorer_for(ref.eval().requires_grad_(False), spec.training, setup.device)
-        )
+        return ReferenceSource(setup.device, live=setup.fresh_scorer())
     return ReferenceSource(setup.device, table=_precomputed_table(setup, data, policy, resumed, reporter))
 
 
@@ -95,38 +108,54 @@ def _precomputed_table(
 ) -> ReferenceTable:
     spec = setup.spec
     pairs = data.train + data.eval
-    model_fp = model_fingerprint(spec.model)
-    if compute_dtype(spec.training.precision, setup.device) != torch.float32:  # bf16 log-probs differ
-        model_fp += "|bf16"
-    key = cache_key(model_fp, data.fingerprint, pairs, spec.training.max_length)
-    cache = ReferenceCache(setup.cache_dir)
-    table = cache.load(key)
-    if table is not None and table.chosen.numel() == len(pairs):
+    key, table = share_from_rank0(_cached(setup, data) if setup.rank == 0 else None, setup.world_size)
+    if table is not None:
         reporter.event("reference", "reference log-probs reused from cache", {"key": key, "cached": True})
         return table
     started = time.perf_counter()
-    ref_model: nn.Module | None = None
     if resumed and not is_peft(policy):  # the policy has moved: load the reference weights for this pass
-        ref_model = load_model(spec.model, allow_remote_code=setup.allow_remote_code, device=setup.device)
-        scorer, context = scorer_for(ref_model, spec.training, setup.device), nullcontext()
+        scorer, context = setup.fresh_scorer(), nullcontext()
     else:
-        scorer, context = scorer_for(policy, spec.training, setup.device), adapters_disabled(policy)
+        scorer = setup.policy_scorer or scorer_for(policy, spec.training, setup.device)
+        context = adapters_disabled(policy)
     # longest packed rows first, cut into batches: neighbours have similar widths, so little padding
     width = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -width[i])
     size = spec.training.batch_size
     batches = [order[k : k + size] for k in range(0, len(order), size)]
     mine = [b for k, b in enumerate(batches) if k % setup.world_size == setup.rank]
+    rounds = math.ceil(len(batches) / setup.world_size) if is_sharded(scorer) else len(mine)
     with context:
         table = compute_reference(
-            scorer, pairs, mine, device=setup.device, pad_id=setup.pad_id, all_reduce_sum=setup.all_reduce_sum
+            scorer,
+            pairs,
+            mine,
+            device=setup.device,
+            pad_id=setup.pad_id,
+            all_reduce_sum=setup.all_reduce_sum,
+            padding=batches[:1] * (rounds - len(mine)),
         )
-    del ref_model, scorer
+    reshard_after_no_grad(scorer)
+    del scorer
     if setup.rank == 0:
-        cache.save(key, table)
+        ReferenceCache(setup.cache_dir).save(key, table)
     reporter.event(
         "reference",
         f"reference log-probs computed for {len(pairs)} pairs in {time.perf_counter() - started:.1f}s",
         {"key": key, "cached": False},
     )
     return table
+
+
+def _cached(setup: ReferenceSetup, data: PreparedData) -> tuple[str, ReferenceTable | None]:
+    """Rank 0: the table's cache key and the cached table (None on a miss)."""
+    spec = setup.spec
+    pairs = data.train + data.eval
+    model_fp = model_fingerprint(spec.model)
+    if compute_dtype(spec.training.precision, setup.device) != torch.float32:  # bf16 log-probs differ
+        model_fp += "|bf16"
+    key = cache_key(model_fp, data.fingerprint, pairs, spec.training.max_length)
+    table = ReferenceCache(setup.cache_dir).load(key)
+    if table is None or table.chosen.numel() != len(pairs):
+        return key, None
+    return key, table

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from core.data.report import ValidationReport
 
@@ -65,8 +65,25 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None = Field(None, description="The latest reported metrics")
     error: JobError | None = None
     queue_position: int | None = Field(None, description="1 = next to start; only while queued")
+    queue_reason: str | None = Field(
+        None,
+        description="Why a queued job waits: `project_quota: ...` (its project's MINORDPO_PROJECT_QUOTAS) "
+        "or `capacity: ...` (the cluster's free CPUs/GPUs, MINORDPO_MAX_CONCURRENT_JOBS); only while queued",
+    )
     attempt: int = 0
     group: str | None = Field(None, description="The job's group (spec.group), e.g. a sweep")
+
+    @computed_field(description="The job this one starts from (spec.model.from_job), if any")  # type: ignore[prop-decorator]
+    @property
+    def source_job(self) -> str | None:
+        source = (self.spec.get("model") or {}).get("from_job")
+        return source if isinstance(source, str) else None
+
+    @computed_field(description="The source job's checkpoint step (null: its final model)")  # type: ignore[prop-decorator]
+    @property
+    def source_step(self) -> int | None:
+        step = (self.spec.get("model") or {}).get("step")
+        return step if isinstance(step, int) and self.source_job else None
 
 
 class JobPage(BaseModel):
@@ -123,6 +140,21 @@ class CheckpointOut(BaseModel):
     metrics: dict[str, Any] | None = None
 
 
+class DerivedJob(BaseModel):
+    """A job that starts from another job's final model (source_step null) or one of its checkpoints."""
+
+    id: str
+    name: str
+    status: str
+    source_step: int | None = None
+
+
+class DerivedJobList(BaseModel):
+    """Jobs chained from one job, oldest first."""
+
+    data: list[DerivedJob]
+
+
 class CheckpointList(BaseModel):
     """Checkpoints of a job, by step."""
 
@@ -170,11 +202,35 @@ class WebhookSecretOut(BaseModel):
     )
 
 
+class EstimateOut(BaseModel):
+    """What a job will consume, computed before launch; `basis` says how each figure was obtained."""
+
+    train_pairs: int
+    eval_pairs: int
+    train_tokens: int = Field(description="Tokens of one pass over the train pairs after truncation")
+    eval_tokens: int = Field(description="Tokens of one pass over the eval pairs after truncation")
+    steps: int = Field(description="Optimizer steps the run will take")
+    steps_per_epoch: int
+    batches_per_step: int = Field(
+        description="Micro-batches per optimizer step and worker (grad_accum_steps)"
+    )
+    total_train_tokens: int = Field(description="Tokens the training steps consume (the loop's num_tokens)")
+    parameters: int | None = Field(None, description="Model parameters, from its config (None: unknown)")
+    flops_per_step: float | None = Field(None, description="Mean training FLOPs per optimizer step")
+    total_flops: float | None = Field(None, description="Training steps plus the cached reference pass")
+    duration_s: float | None = Field(
+        None, description="Expected training time; null unless this cluster has measured throughput"
+    )
+    tokens_per_second: float | None = Field(None, description="The measured throughput duration_s uses")
+    basis: dict[str, str] = Field(description="How tokens, steps, flops and duration_s were obtained")
+
+
 class ValidationOut(BaseModel):
-    """Result of a dry run: the spec as it would be accepted and the dataset report."""
+    """Result of a dry run: the spec as it would be accepted, the dataset report and the estimate."""
 
     valid: bool
     spec: dict[str, Any]
     model_is_hub_id: bool = False
     dataset: ValidationReport
     warnings: list[str] = Field(default_factory=list)
+    estimate: EstimateOut | None = Field(None, description="Tokens, steps, FLOPs and expected duration")

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from core.attention import prepare_attention
+from core.attention import FLEX_BUCKET, prepare_attention, uses_flex
 from core.models import causal_lm
-from core.packing import PackedBatch
+from core.packing import PackedBatch, RowLayout
 from core.precision import autocast, compute_dtype
 
 if TYPE_CHECKING:  # core.spec needs pydantic; the scorer must import without it (bench/gpu_check.py)
@@ -45,7 +45,9 @@ class PairScorer(nn.Module):
     """Wraps a causal LM (optionally peft) so that DDP sees one module whose forward scores a PackedBatch.
 
     ``compute_dtype`` bfloat16 runs the decoder and the head under autocast (core.precision); the
-    log-softmax, the sums and everything after them are fp32 either way.
+    log-softmax, the sums and everything after them are fp32 either way. ``layout`` is how callers
+    pack this scorer's batches (``scorer.layout.pack(...)``); any layout gives the same scores, in
+    batch order.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class PairScorer(nn.Module):
         *,
         chunk_size: int = LOGPS_CHUNK_SIZE,
         compute_dtype: torch.dtype = torch.float32,
+        layout: RowLayout | None = None,
     ) -> None:
         super().__init__()
         if chunk_size < 1:
@@ -61,6 +64,7 @@ class PairScorer(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
+        self.layout = layout or RowLayout()
 
     def forward(self, batch: PackedBatch) -> PairScores:
         lm = causal_lm(self.model)
@@ -98,12 +102,23 @@ class PairScorer(nn.Module):
 
 
 def scorer_for(model: nn.Module, training: TrainingSpec, device: torch.device | str) -> PairScorer:
-    """The PairScorer a job's training settings ask for (chunk size, compute precision on ``device``)."""
+    """The PairScorer a job's training settings ask for (chunk size, compute precision on ``device``, row layout)."""
     return PairScorer(
         model,
         chunk_size=training.logps_chunk_size,
         compute_dtype=compute_dtype(training.precision, device),
+        layout=row_layout(training, flex=uses_flex(causal_lm(model))),
     )
+
+
+def row_layout(training: TrainingSpec, *, flex: bool = False) -> RowLayout:
+    """``training.pairs_per_row`` (``auto``: as many as fit) within ``training.max_length`` tokens a row.
+
+    ``flex``: the model pads rows to FLEX_BUCKET tokens, which the row planner takes into account.
+    """
+    per_row = training.pairs_per_row
+    multiple = FLEX_BUCKET if flex else 1
+    return RowLayout(None if per_row == "auto" else per_row, training.max_length, multiple)
 
 
 def completion_logps(

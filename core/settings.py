@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.data.limits import DataLimits
+from core.scheduling import ProjectQuota, parse_project_quotas
 
 
 class Settings(BaseSettings):
@@ -33,6 +34,11 @@ class Settings(BaseSettings):
     api_tokens_file: Path | None = None
     allowed_paths: str | None = None
     max_concurrent_jobs: int = Field(2, ge=1)
+    project_quotas: Annotated[dict[str, ProjectQuota], NoDecode] = Field(
+        default_factory=dict,
+        description='Per-project limits on running jobs, workers and GPUs, as JSON: {"default": {"max_jobs": 2}, '
+        '"team-a": {"max_jobs": 4, "max_gpus": 8}}; "default" covers projects not named (none: no limits)',
+    )
     allow_remote_code: bool = False
     auto_migrate: bool = False
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
@@ -169,6 +175,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
         return value
+
+    @field_validator("project_quotas", mode="before")
+    @classmethod
+    def _quotas(cls, value: Any) -> Any:
+        """JSON text or a mapping -> quota per project; the error names the bad entry or key."""
+        return parse_project_quotas(value)
 
     @field_validator("webhook_secret")
     @classmethod

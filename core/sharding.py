@@ -1,9 +1,10 @@
 """FSDP2 (`fully_shard`) for the scorer: one unit per decoder layer, the scorer as root, full-weight I/O.
 
-Every rank loads the weights and then shards them (`fully_shard` keeps only this rank's slice of each
-parameter, so the full copy is freed as soon as sharding is done). The embeddings and the LM head
-stay in the root unit: the head is called once per log-prob chunk (core.scoring), and a tied head
-shares its weight with the embeddings, so a unit of its own would gather it once per chunk.
+Only rank 0 reads the pretrained weights; the other ranks build the same architecture on the meta
+device (no memory, no file read), every rank shards, and rank 0's full weights and buffers are
+broadcast into the shards (`set_model_state_dict(..., broadcast_from_rank0=True)`). The embeddings
+and the LM head stay in the root unit: the head is called once per log-prob chunk (core.scoring), and
+a tied head shares its weight with the embeddings, so a unit of its own would gather it once per chunk.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from core.models import causal_lm
+from core.models import ModelLoadError, causal_lm, model_skeleton
+from core.rank_zero import share_from_rank0
 from core.scoring import PairScores
 
 _PYTREE_REGISTERED = False
@@ -68,15 +70,68 @@ def shard_scorer(scorer: nn.Module, device: torch.device | str, dtype: torch.dty
     return scorer
 
 
-def fsdp_wrapper(device: torch.device | str, dtype: torch.dtype) -> Callable[[nn.Module], nn.Module]:
-    """A ``Distributed.wrap_model`` that shards the scorer with FSDP2."""
-    return lambda scorer: shard_scorer(scorer, device, dtype)
+def load_sharded_scorer(
+    load_full: Callable[[], nn.Module],
+    make_scorer: Callable[[nn.Module], nn.Module],
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """A sharded scorer holding rank 0's pretrained weights, read by rank 0 alone.
+
+    Rank 0 calls ``load_full`` (``from_pretrained``); the other ranks build the model from rank 0's
+    config on the meta device. ``make_scorer`` wraps the model (the same on every rank); every rank
+    shards it, the non-zero ranks allocate their (uninitialised) shards, and rank 0 broadcasts its
+    weights and buffers (e.g. rotary ``inv_freq``, which no state dict holds) into them.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = torch_dist.get_rank()
+    model, failure = None, None
+    if rank == 0:
+        try:
+            model = load_full()
+        except Exception as exc:
+            failure = exc
+    shared = share_from_rank0(
+        (model.config, model.dtype, None) if model is not None else (None, None, str(failure)),
+        torch_dist.get_world_size(),
+    )
+    if failure is not None:
+        raise failure  # after the broadcast: the other ranks are told, none waits for rank 0
+    config, model_dtype, error = shared
+    if error is not None:
+        raise ModelLoadError(f"rank 0 could not load the model: {error}")
+    if model is None:
+        model = model_skeleton(config, model_dtype)
+    scorer = make_scorer(model)
+    full = scorer.state_dict() if rank == 0 else {}
+    shard_scorer(scorer, device, dtype)
+    if rank != 0:
+        scorer.to_empty(device=device)
+        causal_lm(model).tie_weights()  # a tied head shares the embeddings' new shard again (no-op if untied)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(scorer, full, options=options)
+    del full
+    for buffer in scorer.buffers():
+        torch_dist.broadcast(buffer, src=0)
+    return scorer
 
 
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
+
+
+def reshard_after_no_grad(module: nn.Module) -> None:
+    """Register a sharded module's sharded parameters again after no-grad forwards; a no-op unsharded.
+
+    FSDP2 leaves the root unit's parameters gathered after a forward until a backward reshards them;
+    after a pass without backward (reference, eval) the module would otherwise hold the full root
+    parameters, which an optimizer built or a state dict taken then would see instead of the shards.
+    """
+    if is_sharded(module):
+        module.reshard()  # type: ignore[operator]
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -11,6 +12,7 @@ from core.loss_names import LOSS_NAMES
 
 #: Upper bound of every step and row count in a spec (keeps each integer well inside 64 bits).
 MAX_COUNT = 1_000_000_000
+_JOB_ID = re.compile(r"^job_[0-9A-Za-z]{26}$")
 
 DatasetFormat = Literal["auto", "standard", "conversational", "implicit_prompt", "openai"]
 
@@ -24,14 +26,31 @@ class StrictModel(BaseModel):
     )
 
 
+def _path_or_from_job(schema: dict[str, Any]) -> None:
+    """The JSON schema's view of `_chained_source`: a model needs `path` or `from_job`."""
+    schema["required"] = [name for name in schema.get("required", []) if name != "path"]
+    schema["anyOf"] = [{"required": ["path"]}, {"required": ["from_job"]}]
+
+
 class ModelSpec(StrictModel):
     """Where the policy comes from. A bare string in a spec means ``{"path": ...}``."""
+
+    model_config = ConfigDict(**StrictModel.model_config, json_schema_extra=_path_or_from_job)
 
     path: str = Field(
         min_length=1,
         max_length=4096,
-        description="Local Hugging Face model folder, a job id (that job's final model; same project only), "
-        "or a hub id where the network allows",
+        description="Local Hugging Face model folder, a job id (as from_job), or a hub id where the network "
+        "allows; with from_job the service sets it to the resolved folder",
+    )
+    from_job: str | None = Field(
+        None,
+        pattern=r"^job_[0-9A-Za-z]{26}$",
+        description="Start from this job's final model, or with `step` from one of its checkpoints "
+        "(a job of the same project)",
+    )
+    step: int | None = Field(
+        None, ge=0, le=MAX_COUNT, description="With from_job: the checkpoint step to start from"
     )
     revision: str | None = Field(None, max_length=256, description="Hub revision (ignored for local folders)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -40,6 +59,27 @@ class ModelSpec(StrictModel):
         "auto",
         description="auto: flex_attention (a BlockMask over the packed rows) on CUDA, sdpa on CPU",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chained_source(cls, value: Any) -> Any:
+        """`path: job_...` is `from_job: job_...`; a from_job alone gets its id as the path until resolved."""
+        if not isinstance(value, dict):
+            return value
+        path, source = value.get("path"), value.get("from_job")
+        if source is None and isinstance(path, str) and _JOB_ID.match(path.strip()):
+            value = {**value, "from_job": path.strip()}
+        elif path is None and isinstance(source, str):
+            value = {**value, "path": source}
+        elif path is None and source is None:
+            raise ValueError("give model.path (a folder, job id or hub id) or model.from_job")
+        return value
+
+    @model_validator(mode="after")
+    def _step_needs_source(self) -> ModelSpec:
+        if self.step is not None and self.from_job is None:
+            raise ValueError("model.step names a checkpoint of model.from_job; give from_job too")
+        return self
 
 
 class DatasetSpec(StrictModel):
@@ -190,6 +230,11 @@ class TrainingSpec(StrictModel):
         le=1_048_576,
         description="Completion positions per LM-head chunk: [chunk, vocab] logits at a time, recomputed in backward",
     )
+    pairs_per_row: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        1,
+        description="Up to this many pairs of a batch share one packed row of at most max_length tokens where that "
+        "saves padding (attention never crosses pairs: same log-probs); auto = no count limit",
+    )
 
 
 class LoraSpec(StrictModel):
@@ -317,6 +362,13 @@ class JobSpec(StrictModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Groups jobs for comparison (a sweep); list them with GET /v1/jobs?group=",
     )
+    priority: int = Field(
+        0,
+        ge=-100,
+        le=100,
+        description="Dispatch order among the project's queued jobs: higher first, then oldest first "
+        "(projects take turns whatever their priorities)",
+    )
     webhooks: list[WebhookSpec] = Field(default_factory=list, max_length=10)
     tracking: TrackingSpec | None = Field(
         None,
@@ -345,6 +397,14 @@ class JobSpec(StrictModel):
                 "which this service does not run); use bfloat16, or float32 with training.precision bf16"
             )
         return value
+
+    @model_validator(mode="after")
+    def _fsdp_without_lora(self) -> JobSpec:
+        if self.resources.strategy == "fsdp" and self.lora is not None:
+            raise ValueError(
+                "resources.strategy fsdp does not support lora yet: use strategy ddp (the default) with lora"
+            )
+        return self
 
 
 def error_lines(exc: ValidationError) -> list[str]:

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray reads its auth mode once per process (when its config first loads, e.g. on `import ray.train`),
-# while clusters started later read it from their environment. workers.ray_control sets it on import,
-# which in the test process may come after a test module imported Ray: set it first, as serve does.
+# while clusters started later read it from their environment. The service sets it at start-up
+# (workers.ray_env.use_token_auth), which in the test process may come after a test module imported Ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CANCEL_FILE = "CANCEL"
-"""A file of this name in the job's output dir asks the run to stop (checked by rank 0 before each step)."""
-
 RUN_MARKER = "MINORDPO_RUN"
 RUN_ENV = {RUN_MARKER: "1"}
 """The runtime_env env_vars of the task that runs fit(): its warm process imports workers.ray_job, and

@@ -5,12 +5,12 @@ Each `tick()` (about once a second):
    it if a cancel has gone unanswered); finished without a recorded outcome -> record Ray's verdict;
    gone (the cluster lost it) -> resubmit (Ray Train resumes from the last checkpoint of the run named
    after the job) while attempts remain, else fail with a clear error;
-2. dispatch from the head of the queue, oldest first, while `MAX_CONCURRENT_JOBS` and the cluster's
-   CPUs and GPUs allow: a job that can never fit fails at once, naming what it needs and what the
-   cluster has; one that must wait stays queued (its queue position is served by the API) and says so
-   once in its events.
-Between passes it looks at the head of the queue every QUEUE_POLL_S and dispatches a job it has not
-seen yet at once, so a POST does not wait for the next pass (whichever process or host took it).
+2. dispatch what core.scheduling picks (fair among projects, `spec.priority` within one, then oldest
+   first) while `MAX_CONCURRENT_JOBS`, the projects' quotas and the cluster's CPUs and GPUs allow: a
+   job that can never fit (the cluster or its project's quota) fails at once, naming what it needs;
+   one that must wait stays queued with its `queue_reason` (served by the API) and says so in its events.
+Between passes it looks at the ends of the queue every QUEUE_POLL_S and dispatches when they moved (a
+job it has not seen yet), so a POST does not wait for the next pass (whichever process or host took it).
 The database is the source of truth; the dispatcher holds no state that a restart would lose.
 """
 
@@ -24,10 +24,20 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.scheduling import (
+    Capacity,
+    JobLoad,
+    ProjectQuota,
+    Wait,
+    exceeds_quota,
+    never_fits,
+    plan_dispatch,
+    quota_for,
+)
 from core.settings import Settings
 from core.spec import JobSpec
 from core.store import (
@@ -39,11 +49,13 @@ from core.store import (
     claim_queued,
     get_job,
     oldest_queued,
+    queued_span,
     record_attempt,
+    set_queue_reasons,
     set_ray_submission,
     transition,
 )
-from workers.ray_control import FINISHED, RayJobs
+from workers.ray_jobs_client import FINISHED, RayJobs
 
 log = logging.getLogger("workers.dispatcher")
 CANCEL_GRACE_S = 20.0
@@ -52,14 +64,8 @@ QUEUE_POLL_S = 0.1
 """How often the dispatcher looks for a newly queued job between its full passes (one indexed query)."""
 SUBMIT_PATIENCE_S = 60.0
 """How long Ray may refuse a submission (e.g. its job agent still starting) before the job fails."""
-
-
-#: How each resource a job reserves is named in messages: (plural, how the spec asks for it).
-RESOURCE_WORDS = {
-    "CPU": ("CPUs", "resources.num_workers x cpus_per_worker"),
-    "GPU": ("GPUs", "resources.num_workers x gpus_per_worker, with use_gpu"),
-}
-Capacity = dict[str, float]
+QUEUE_WINDOW = 1000
+"""How many of the oldest queued jobs each dispatch orders (the rest wait their turn to be looked at)."""
 
 
 def needs(spec: JobSpec) -> Capacity:
@@ -67,23 +73,10 @@ def needs(spec: JobSpec) -> Capacity:
     return spec.resources.needs()
 
 
-def never_fits(need: Capacity, total: Capacity) -> str | None:
-    """Why a job can never run on this cluster (the first resource it needs more of than exists), or None."""
-    for name, (plural, asked) in RESOURCE_WORDS.items():
-        if need.get(name, 0.0) > total.get(name, 0.0):
-            return (
-                f"the job needs {need[name]:g} {plural} ({asked}) "
-                f"but the cluster has {total.get(name, 0.0):g} in all"
-            )
-    return None
-
-
-def must_wait(need: Capacity, free: Capacity) -> str | None:
-    """What a job waits for (the first resource not free enough now), or None."""
-    for name, (plural, _asked) in RESOURCE_WORDS.items():
-        if need.get(name, 0.0) > free.get(name, 0.0) + 1e-9:
-            return f"waiting for {need[name]:g} free {plural} ({free.get(name, 0.0):g} free now)"
-    return None
+def job_load(job: Job) -> JobLoad:
+    """What the scheduler needs of a stored job: its project, order, priority and reservation."""
+    spec = JobSpec.model_validate(job.spec)
+    return JobLoad(job.id, job.project, job.seq, needs(spec), spec.resources.num_workers, spec.priority)
 
 
 @dataclass
@@ -143,9 +136,11 @@ class Dispatcher:
         driver_env: DriverEnv,
         worker_id: str | None = None,
         ray_source: Callable[[], RayJobs] | None = None,
+        quotas: Mapping[str, ProjectQuota] | None = None,
     ) -> None:
         """`ray_source`: asked at each pass for the Jobs API to use (the service's, which replaces a dead
-        local head); jobs whose Ray job the new cluster does not know are then resubmitted as lost."""
+        local head); jobs whose Ray job the new cluster does not know are then resubmitted as lost.
+        `quotas`: MINORDPO_PROJECT_QUOTAS (core.scheduling)."""
         self.db = db
         self.ray = ray_jobs
         self.ray_source = ray_source
@@ -156,7 +151,9 @@ class Dispatcher:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._cancel_seen: dict[str, float] = {}
         self._submit_failures: dict[str, float] = {}
-        self._queue_head: str | None = None
+        self.quotas = dict(quotas or {})
+        self._queue_span: tuple[int | None, int | None] = (None, None)
+        self._loads: dict[str, JobLoad] = {}
 
     # ----- one pass ------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -242,44 +239,61 @@ class Dispatcher:
                     error=JobError("driver_exited", f"the job's driver ended ({status}) without an outcome: {detail}"),
                 )  # fmt: skip
 
-    def _queue_has_a_new_head(self) -> bool:
-        """Whether the oldest queued job is one this dispatcher has not looked at since the last check."""
+    def _queue_has_moved(self) -> bool:
+        """Whether the queue's oldest or newest job changed since the last check (a new job, a new head)."""
         with self.db.read() as s:
-            head = oldest_queued(s, 1)
-        head_id = head[0].id if head else None
-        new = head_id is not None and head_id != self._queue_head
-        self._queue_head = head_id
-        return new
+            span = queued_span(s)
+        moved = span[1] is not None and span != self._queue_span
+        self._queue_span = span
+        return moved
 
     def _dispatch(self) -> None:
-        while True:
-            with self.db.read() as s:
-                head = oldest_queued(s, 1)
-                running = active_jobs(s)
-            if not head or len(running) >= self.max_concurrent:
-                return
-            job = head[0]
-            need = needs(JobSpec.model_validate(job.spec))
-            total = self.capacity()
-            reason = never_fits(need, total)
-            if reason is not None:
-                with self.db.write() as s:
-                    transition(s, job.id, "failed", error=JobError("insufficient_resources", reason))
-                continue
-            free = dict(total)
-            for other in running:
-                for name, amount in needs(JobSpec.model_validate(other.spec)).items():
-                    free[name] = free.get(name, 0.0) - amount
-            waiting = must_wait(need, free)
-            if waiting is not None:
-                with self.db.write() as s:
-                    append_event(s, job.id, "waiting", waiting, dedup_key="waiting")
-                return
+        """Fail what can never run, record why the rest waits, and start what core.scheduling picks."""
+        with self.db.read() as s:
+            queued = oldest_queued(s, QUEUE_WINDOW)
+            running = active_jobs(s)
+        if not queued:
+            return
+        self._loads = {job.id: self._loads.get(job.id) or job_load(job) for job in queued}
+        total = self.capacity()
+        doomed: dict[str, JobError] = {}
+        for job in queued:
+            load = self._loads[job.id]
+            if (why := never_fits(load.need, total)) is not None:
+                doomed[job.id] = JobError("insufficient_resources", why)
+            elif (why := exceeds_quota(load, quota_for(self.quotas, job.project))) is not None:
+                doomed[job.id] = JobError("quota_exceeded", why)
+        if doomed:
             with self.db.write() as s:
-                claimed = claim_queued(s, 1, self.worker_id, max_running=self.max_concurrent)
-            if not claimed:
+                for job_id, error in doomed.items():
+                    transition(s, job_id, "failed", error=error)
+        free = dict(total)
+        busy = [job_load(job) for job in running]
+        for load in busy:
+            for name, amount in load.need.items():
+                free[name] = free.get(name, 0.0) - amount
+        waiting = [self._loads[job.id] for job in queued if job.id not in doomed]
+        plan = plan_dispatch(waiting, busy, self.quotas, free, self.max_concurrent)
+        self._record_waits([job for job in queued if job.id in plan.waits], plan.waits)
+        for job_id in plan.start:
+            with self.db.write() as s:
+                claimed = claim_queued(
+                    s, 1, self.worker_id, max_running=self.max_concurrent, job_ids=[job_id]
+                )
+            if not claimed:  # cancelled meanwhile, or another dispatcher started jobs: the next pass decides
                 return
             self._try_submit(claimed[0])
+
+    def _record_waits(self, jobs: list[Job], waits: Mapping[str, Wait]) -> None:
+        """Store each waiting job's reason where it changed, and tell its events once that it waits."""
+        changed = {job.id: str(waits[job.id]) for job in jobs if job.queue_reason != str(waits[job.id])}
+        if not changed:
+            return
+        with self.db.write() as s:
+            set_queue_reasons(s, changed)
+            for job_id, reason in changed.items():
+                append_event(s, job_id, "waiting", waits[job_id].detail, {"queue_reason": reason},
+                             dedup_key="waiting")  # fmt: skip
 
     def _try_submit(self, job: Job) -> None:
         """Submit; a refusal (e.g. the job agent still starting) is retried by reconcile until SUBMIT_PATIENCE_S."""
@@ -308,7 +322,7 @@ class Dispatcher:
                 if time.monotonic() >= next_tick:
                     next_tick, look_between = time.monotonic() + interval_s, True
                     self.tick()
-                elif look_between and self._queue_has_a_new_head():
+                elif look_between and self._queue_has_moved():
                     self._dispatch()
             except Exception:  # noqa: BLE001
                 look_between = False  # a failing database is tried again at the next pass, not every 0.1 s

@@ -3,7 +3,9 @@
 It reads the job from the database, runs it with Ray Train (workers.job_run; the driver imports no
 torch), and is the single writer of the job's metric points, events, checkpoints and final status.
 Metric rows are written as they arrive (idempotently: a step re-reported after a worker-group restart
-is not stored twice). A cancel requested in the database is passed to the run as a cooperative stop.
+is not stored twice). A cancel requested in the database is passed to the run as a cooperative stop
+(through the job's channel, workers.job_run). Every way the run ends is recorded as one RunOutcome, a
+failure as one JobFailure: the job's `error` in the store and the API.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.failures import JobFailure
 from core.settings import get_settings
 from core.spec import JobSpec
 from core.store import (
     Database,
-    JobError,
     add_checkpoint,
     append_event,
     append_metrics,
@@ -76,14 +78,13 @@ class JobWriter:
             add_checkpoint(s, self.job_id, step, path, values)
 
 
-def _watch_cancel(db: Database, job_id: str, artifacts_dir: Path, done: threading.Event) -> None:
-    from workers.job_run import request_cancel
-
+def _watch_cancel(db: Database, job_id: str, cancel: threading.Event, done: threading.Event) -> None:
+    """Set `cancel` once the database asks the job to stop (or the job is gone); run_job passes it on."""
     while not done.wait(CANCEL_POLL_S):
         with db.read() as s:
             job = get_job(s, job_id)
         if job is None or job.cancel_requested:
-            request_cancel(artifacts_dir, job_id)
+            cancel.set()
             return
 
 
@@ -100,7 +101,7 @@ def _tracker(db: Database, job_id: str, spec: JobSpec, tracking_uri: str | None)
 
 def run(job_id: str) -> int:
     """Run the job to its end and record the outcome; the exit code is 0 unless recording failed."""
-    from workers import ray_cluster
+    from workers import ray_connect
     from workers.job_run import run_job
 
     settings = get_settings()
@@ -115,11 +116,11 @@ def run(job_id: str) -> int:
             log.warning("job %s is already %s", job_id, job.status)
             return 0
     writer = JobWriter(db, job_id, _tracker(db, job_id, spec, settings.mlflow_tracking_uri))
-    ray_cluster.connect("auto")
-    done = threading.Event()
+    ray_connect.connect("auto")
+    done, cancel = threading.Event(), threading.Event()
     watcher = threading.Thread(
         target=_watch_cancel,
-        args=(db, job_id, settings.artifacts_dir, done),
+        args=(db, job_id, cancel, done),
         daemon=True,
         name="cancel-watch",
     )
@@ -133,12 +134,13 @@ def run(job_id: str) -> int:
             on_event=writer.event,
             on_checkpoint=writer.checkpoint,
             policy=JobPolicy(settings.allow_remote_code, dataclasses.asdict(settings.data_limits())),
+            cancel=cancel,
         )
     except Exception as exc:  # noqa: BLE001 - record every failure as the job's error
         log.exception("job %s crashed", job_id)
         writer.finish("failed", None)
         with db.write() as s:
-            transition(s, job_id, "failed", error=JobError("driver_error", f"{type(exc).__name__}: {exc}"))
+            transition(s, job_id, "failed", error=JobFailure("driver_error", f"{type(exc).__name__}: {exc}"))
         return 0
     finally:
         done.set()
@@ -149,9 +151,12 @@ def run(job_id: str) -> int:
                 s, job_id, "final_model", f"final model at {outcome.final_model_dir}",
                 {"path": str(outcome.final_model_dir)}, dedup_key="final_model",
             )  # fmt: skip
-        error = JobError(outcome.error_code, outcome.error_message or "") if outcome.error_code else None
         transition(
-            s, job_id, outcome.status, error=error, message=f"{outcome.status} at step {outcome.last_step}"
+            s,
+            job_id,
+            outcome.status,
+            error=outcome.failure,
+            message=f"{outcome.status} at step {outcome.last_step}",
         )
     return 0
 

@@ -1,7 +1,7 @@
 """The per-job mailbox actor between Ray Train (controller, rank 0) and the job's driver.
 
-Its own module, importing only `ray`: an actor's process imports the module that defines its class,
-and `workers.ray_job` pulls in torch and Ray Train (3.8 s of CPU on a 2-vCPU VM) for what is a list.
+Its own module, importing only `ray` and the stdlib-only core.failures: an actor's process imports the
+module that defines its class, and `workers.ray_job` pulls in torch and Ray Train for what is a list.
 """
 
 from __future__ import annotations
@@ -12,18 +12,22 @@ from typing import Any
 
 import ray
 
+from core.failures import JobFailure
+
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class JobChannel:
-    """Mailbox between the Train controller / rank 0 and the driver, plus the job's fatal-error record.
+    """Mailbox between the Train controller / rank 0 and the driver, the job's fatal failure and its cancel flag.
 
     An async actor: `drain(wait_s)` returns as soon as an item arrives (a long poll), so a metric row
-    reaches the driver in milliseconds rather than at its next poll.
+    reaches the driver in milliseconds rather than at its next poll. The driver sets the cancel flag
+    (`request_cancel`); rank 0 asks for it between steps and stops every rank at the same step.
     """
 
     def __init__(self) -> None:
         self._items: list[dict[str, Any]] = []
-        self._fatal: dict[str, Any] | None = None
+        self._fatal: JobFailure | None = None
+        self._cancel = False
         self._arrived = asyncio.Event()
 
     async def put(self, item: dict[str, Any]) -> None:
@@ -39,9 +43,16 @@ class JobChannel:
         items, self._items = self._items, []
         return items
 
-    async def set_fatal(self, error: dict[str, Any]) -> None:
+    async def set_fatal(self, failure: JobFailure) -> None:
         if self._fatal is None:  # the first rank to fail explains the failure
-            self._fatal = error
+            self._fatal = failure
 
-    async def get_fatal(self) -> dict[str, Any] | None:
+    async def get_fatal(self) -> JobFailure | None:
         return self._fatal
+
+    async def request_cancel(self) -> None:
+        """Ask the run to stop at its next step (it saves a checkpoint and ends cancelled)."""
+        self._cancel = True
+
+    async def cancel_requested(self) -> bool:
+        return self._cancel

@@ -1,24 +1,27 @@
 """Drives one job's Ray Train run from its driver, which imports Ray and nothing heavier.
 
-`run_job` starts `fit()` as a Ray task (workers.ray_job.fit_summary, on a warm process that has torch
+`run_job` starts `fit()` as a Ray task (workers.ray_job.fit_outcome, on a warm process that has torch
 and Ray Train imported; see workers/warm_pool.py) and drains the job's channel on the calling thread
 while it runs, so the `on_*` callables run here, in order, one at a time: the driver writes them to
 the database as the single writer. Rows replayed after a worker-group restart are not forwarded twice.
+A cancel asked of the driver goes to the run through the same channel (rank 0 asks it between steps).
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import ray
 
 from core.spec import JobSpec
-from workers.conventions import CANCEL_FILE, RUN_ENV, JobPolicy, job_output_dir
+from workers.conventions import RUN_ENV, JobPolicy
 from workers.job_channel import JobChannel
+from workers.ray_failures import failure_from_ray
+from workers.run_outcome import RunOutcome
 
 DRAIN_WAIT_S = 0.5
 """The longest one drain of the channel waits for a row (it returns at once when one comes); also how
@@ -31,40 +34,6 @@ since rank 0 sends events straight to the channel while its last checkpoint arri
 OnMetrics = Callable[[int, dict[str, float]], None]
 OnEvent = Callable[[str, str, dict[str, Any]], None]
 OnCheckpoint = Callable[[int, str, dict[str, float]], None]
-
-
-@dataclass
-class JobOutcome:
-    """How a job's Ray run ended."""
-
-    status: Literal["succeeded", "failed", "cancelled"]
-    last_step: int
-    total_steps: int | None = None
-    final_model_dir: Path | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    latest_checkpoint: str | None = None
-
-    @property
-    def error(self) -> dict[str, str] | None:
-        if self.error_code is None:
-            return None
-        return {"code": self.error_code, "message": self.error_message or ""}
-
-
-def request_cancel(artifacts_dir: Path, job_id: str) -> None:
-    """Ask a running job to stop at its next step (it saves a checkpoint and ends `cancelled`).
-
-    A file, so any process that sees the artifacts dir can cancel, including a restarted dispatcher.
-    """
-    out = job_output_dir(artifacts_dir, job_id)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CANCEL_FILE).write_text(f"{time.time()}\n", encoding="utf-8")
-
-
-def clear_cancel(artifacts_dir: Path, job_id: str) -> None:
-    """Remove a cancel request (before deliberately resuming a cancelled job)."""
-    (job_output_dir(artifacts_dir, job_id) / CANCEL_FILE).unlink(missing_ok=True)
 
 
 class _Forwarder:
@@ -112,12 +81,12 @@ class _Forwarder:
             self.on_event(item["kind"], item["message"], item.get("data") or {})
 
 
-def _fit(job_id: str, spec_json: str, artifacts_dir: str, channel: Any, policy: JobPolicy) -> dict[str, Any]:
+def _fit(job_id: str, spec_json: str, artifacts_dir: str, channel: Any, policy: JobPolicy) -> RunOutcome:
     """The task body: imports the heavy module in the task's (warm) process, not in the driver."""
-    from workers.ray_job import fit_summary
+    from workers.ray_job import fit_outcome
 
     spec = JobSpec.model_validate_json(spec_json)
-    return fit_summary(job_id, spec, artifacts_dir=Path(artifacts_dir), channel=channel, policy=policy)
+    return fit_outcome(job_id, spec, artifacts_dir=Path(artifacts_dir), channel=channel, policy=policy)
 
 
 def run_job(
@@ -130,21 +99,27 @@ def run_job(
     on_checkpoint: OnCheckpoint,
     policy: JobPolicy | None = None,
     skip_through_step: int = 0,
-) -> JobOutcome:
+    cancel: threading.Event | None = None,
+) -> RunOutcome:
     """Run one job to its end on the connected Ray cluster; blocks, calling on_* on this thread as rows arrive.
 
     Resumes from the latest checkpoint of an earlier run with the same job_id and artifacts_dir (a
     restarted driver). Ray restarts a lost worker group up to `spec.resources.max_retries` times from the
     last checkpoint; rows replayed after such a restart are not forwarded twice. A restarted driver can
     pass `skip_through_step` (the last step its store already holds) to drop rows replayed across drivers.
-    Raises when the fit task itself is lost (its process killed); a failed run is an outcome.
+    Setting `cancel` (from any thread) asks the run to stop at its next step; it then ends cancelled.
+    Never raises for the run's own failures, a lost fit task included: they are a failed outcome.
     """
     channel = JobChannel.remote()
     forward = _Forwarder(on_metrics, on_event, on_checkpoint, skip_through_step)
     fit = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": RUN_ENV})(_fit)
+    cancel_sent = False
     try:
         done = fit.remote(job_id, spec.model_dump_json(), str(artifacts_dir), channel, policy or JobPolicy())
         while True:
+            if cancel is not None and cancel.is_set() and not cancel_sent:
+                channel.request_cancel.remote()
+                cancel_sent = True
             finished = bool(ray.wait([done], timeout=0)[0])
             # after `done` is ready, this drain is the last, and takes what is there without waiting
             for item in ray.get(channel.drain.remote(0.0 if finished else DRAIN_WAIT_S)):
@@ -152,21 +127,16 @@ def run_job(
             if finished:
                 break
         forward.finish()
-        summary = ray.get(done)
+        try:
+            outcome: RunOutcome = ray.get(done)
+        except ray.exceptions.RayError as exc:  # the fit task's process was lost
+            outcome = RunOutcome.failed(failure_from_ray(exc))
     finally:
         ray.kill(channel)
-    return _outcome(summary, forward)
+    return _completed(outcome, forward)
 
 
-def _outcome(summary: dict[str, Any], forward: _Forwarder) -> JobOutcome:
-    status = summary["status"]
-    final = summary.get("final_model_dir")
-    return JobOutcome(
-        status,
-        forward.max_step if status == "failed" else int(summary.get("step") or forward.max_step),
-        summary.get("total_steps"),
-        final_model_dir=Path(final) if final else None,
-        error_code=summary.get("code"),
-        error_message=summary.get("message"),
-        latest_checkpoint=forward.latest_checkpoint,
-    )
+def _completed(outcome: RunOutcome, forward: _Forwarder) -> RunOutcome:
+    """The fit task's outcome with what only the driver knows: the last step and checkpoint it forwarded."""
+    last_step = forward.max_step if outcome.status == "failed" else outcome.last_step or forward.max_step
+    return dataclasses.replace(outcome, last_step=last_step, latest_checkpoint=forward.latest_checkpoint)

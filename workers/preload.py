@@ -1,13 +1,13 @@
 """What a warm Ray worker process imports while it idles (the local head's `RAY_preload_python_modules`).
 
 A Train worker (TRAIN_WORKER_MARKER in its environment) gets the whole training stack, including what
-transformers imports on first use (seconds on a small machine); the task that runs fit() and the Train
+transformers imports on first use; the task that runs fit() and the Train
 controller with its helper actors (RUN_ENV) get Ray Train, torch and our trainer; any other process
 (the Jobs API's supervisor, our channel) gets nothing, as before. See workers/warm_pool.py.
 
 Then the imported objects are moved out of the garbage collector's sight (`gc.freeze`): they live as
-long as the process, and without this a full collection walks all of them: loading the GPT-2 tokenizer
-in such a process took 0.37 s instead of 0.12 s every second time, for a collection.
+long as the process, and without this every full collection walks all of them (measured in
+bench/README.md).
 """
 
 import gc

@@ -1,6 +1,6 @@
 """One training job as a Ray Train run: the trainer, the callback that forwards what it reports, how it ended.
 
-Imports torch and Ray Train, so it runs on a warm Ray process (workers/job_run.py calls `fit_summary`
+Imports torch and Ray Train, so it runs on a warm Ray process (workers/job_run.py calls `fit_outcome`
 as a task), never in the driver. Forwarding: Ray Train V2 calls `UserCallback.after_report` inside the
 TrainController actor; the callback pushes each row into the job's `JobChannel` actor, and rank 0
 pushes events there too; the driver drains the channel.
@@ -16,11 +16,14 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # Ray 2.60; see JobTrainer
 
+from core.failures import JobFailure
 from core.spec import JobSpec
+from workers import ray_compat
 from workers.conventions import TRAIN_WORKER_MARKER, JobPolicy, job_output_dir
-from workers.train_worker import FatalJobError, train_loop_per_worker
+from workers.ray_failures import failure_from_ray, short_error
+from workers.run_outcome import RunOutcome
+from workers.train_worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -66,56 +69,22 @@ class ForwardingCallback(UserCallback):
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         ranks = sorted(worker_exceptions)
         first = worker_exceptions[ranks[0]] if ranks else None
-        message = f"worker rank(s) {ranks} failed: {_short(first)}"
+        message = f"worker rank(s) {ranks} failed: {short_error(first)}"
         self._put({"type": "event", "kind": "worker_error", "message": message, "data": {"ranks": ranks}})
-
-
-def _short(exc: BaseException | None, limit: int = 500) -> str:
-    if exc is None:
-        return "unknown error"
-    cause = getattr(exc, "cause", None)  # RayTaskError wraps the user exception as .cause
-    if isinstance(cause, BaseException):
-        exc = cause
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:limit]
-
-
-def _failure(exc: BaseException, fatal: dict[str, Any] | None, retries: int) -> tuple[str, str]:
-    """(code, message) for a fit() that raised: the recorded fatal error, else a summary of the worker errors."""
-    if fatal is not None:
-        return str(fatal["code"]), str(fatal["message"])
-    failures = getattr(exc, "worker_failures", None) or {}
-    for err in failures.values():
-        inner = getattr(err, "cause", err)
-        if isinstance(inner, FatalJobError):
-            return inner.code, inner.message
-    if failures:
-        rank = min(failures)
-        err = failures[rank]
-        if isinstance(err, ray.exceptions.RayActorError):
-            return (
-                "worker_lost",
-                f"worker rank {rank} was lost and {retries} retries are used up: {_short(err)}",
-            )
-        return "worker_error", f"worker rank {rank} failed after {retries} retries: {_short(err)}"
-    return "ray_error", _short(exc)
 
 
 class JobTrainer(TorchTrainer):
     """A TorchTrainer that starts no Ray Data `DatasetManager` actor for a run given no Ray datasets.
 
-    Ray Train V2 (2.60) always adds its `DatasetsCallback`, and that starts a `DatasetManager` actor (a
-    process importing Ray Data and Ray Train, ~1.7 s of CPU) even for `datasets=None`; our loop reads
-    its data itself. This overrides a private hook of Ray's trainer, so
-    tests/workers/test_ray_job.py checks which actors a real run starts.
+    Ray Train V2 always adds its `DatasetsCallback`, and that starts a `DatasetManager` actor (a process
+    importing Ray Data and Ray Train) even for `datasets=None`; our loop reads its data itself. This
+    overrides a private hook of Ray's trainer, through workers.ray_compat (on an untested Ray it passes
+    Ray's callbacks through unchanged), so tests/workers/test_ray_job.py checks which actors a real run starts.
     """
 
-    def _create_default_callbacks(self) -> list[Any]:
-        callbacks = super()._create_default_callbacks()
-        if self.datasets:
-            return callbacks
-        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+    def _create_default_callbacks(self, *args: Any, **kwargs: Any) -> list[Any]:
+        callbacks = super()._create_default_callbacks(*args, **kwargs)
+        return callbacks if self.datasets else ray_compat.without_datasets_callback(callbacks)
 
 
 def build_trainer(
@@ -155,13 +124,13 @@ def build_trainer(
     )
 
 
-def fit_summary(
+def fit_outcome(
     job_id: str, spec: JobSpec, *, artifacts_dir: Path, channel: Any, policy: JobPolicy | None = None
-) -> dict[str, Any]:
-    """Run the job's Ray Train run to its end in this process and say how it ended, in plain values.
+) -> RunOutcome:
+    """Run the job's Ray Train run to its end in this process and say how it ended (never raises).
 
-    Runs as a Ray task on a warm process (workers/job_run.py), so the driver never imports torch. Keys:
-    status (succeeded/failed/cancelled), step, total_steps, final_model_dir, code and message (failures).
+    Runs as a Ray task on a warm process (workers/job_run.py), so the driver never imports torch. A
+    failure is the one rank 0 recorded in the channel, else Ray's error as workers.ray_failures maps it.
     """
     trainer = build_trainer(job_id, spec, artifacts_dir=artifacts_dir, channel=channel, policy=policy)
     try:
@@ -170,20 +139,9 @@ def fit_summary(
     except Exception as exc:  # noqa: BLE001 - every way a run ends is reported, none raised
         result, error = None, exc
     if error is not None:
-        code, message = _failure(error, ray.get(channel.get_fatal.remote()), spec.resources.max_retries)
-        return {"status": "failed", "code": code, "message": message}
-    value = getattr(result, "return_value", None) or {}
-    if value.get("status") == "failed" or value.get("error"):
-        err = value.get("error") or ray.get(channel.get_fatal.remote()) or {}
-        return {
-            "status": "failed",
-            "total_steps": value.get("total_steps"),
-            "code": err.get("code", "worker_error"),
-            "message": err.get("message", "the run failed"),
-        }
-    return {
-        "status": "cancelled" if value.get("status") == "cancelled" else "succeeded",
-        "step": value.get("step"),
-        "total_steps": value.get("total_steps"),
-        "final_model_dir": value.get("final_model_dir"),
-    }
+        fatal = ray.get(channel.get_fatal.remote())
+        return RunOutcome.failed(fatal or failure_from_ray(error, retries=spec.resources.max_retries))
+    outcome = getattr(result, "return_value", None)
+    if not isinstance(outcome, RunOutcome):
+        return RunOutcome.failed(JobFailure("ray_error", "the run ended without saying how (no outcome)"))
+    return outcome

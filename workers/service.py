@@ -17,28 +17,22 @@ from typing import Any
 from core.settings import Settings
 from core.store import Database, active_jobs
 from core.webhooks import project_secret
+from workers import ray_compat
 from workers.dispatcher import Dispatcher, DriverEnv
 from workers.head_state import process_running
-from workers.ray_control import (
-    LocalHead,
-    RayJobs,
-    RayUnavailableError,
-    cluster_resources,
-    jobs_api_reachable,
-    local_head_environment,
-    start_local_head,
-    stop_local_head,
-)
+from workers.ray_env import use_token_auth
+from workers.ray_head import LocalHead, local_head_environment, start_local_head, stop_local_head
+from workers.ray_jobs_client import RayJobs, RayUnavailableError, jobs_api_reachable
 from workers.warm_pool import WarmPool, idle_cores, job_pool_kinds, should_hold
 from workers.webhooks import WebhookSender
 
 log = logging.getLogger("workers.service")
 HEAD_CHECK_S = 2.0
+"""How often the dispatcher thread checks that our local head still runs."""
 HEAD_MISSES = 3
 """Checks in a row whose GCS connection fails before a head whose process still runs is taken for dead."""
 CAPACITY_TTL_S = 30.0
 """How long the cluster's CPU and GPU totals are trusted before Ray is asked again."""
-"""How often the dispatcher thread checks that our local head still runs."""
 
 
 class DispatcherService:
@@ -60,15 +54,15 @@ class DispatcherService:
         self.webhooks: WebhookSender | None = None
 
     def _capacity(self) -> Callable[[], dict[str, float]]:
-        """The cluster's CPUs and GPUs as Ray reports them, asked at most every 30 s (the local head's
-        CPUs are the ones it was started with)."""
+        """The cluster's CPUs and GPUs as Ray reports them, asked at most every CAPACITY_TTL_S (the local
+        head's CPUs are the ones it was started with)."""
         cached: dict[str, Any] = {}
 
         def capacity() -> dict[str, float]:
             if "value" not in cached or time.monotonic() - cached["at"] > CAPACITY_TTL_S:
                 assert self.ray_jobs is not None
                 try:
-                    value = cluster_resources(self.ray_jobs)
+                    value = self.ray_jobs.cluster_resources()
                 except RayUnavailableError:
                     if self.head is None:
                         raise
@@ -82,7 +76,13 @@ class DispatcherService:
         return capacity
 
     def connect(self) -> None:
-        """Start (or reuse) the local head, or reach RAY_ADDRESS's Jobs API."""
+        """Start (or reuse) the local head, or reach RAY_ADDRESS's Jobs API.
+
+        The start-up of this process's Ray side: token auth for its Ray clients, and the check of the
+        installed Ray against the tested range (workers.ray_compat), which says so once when it is not.
+        """
+        use_token_auth()
+        ray_compat.check_at_start_up()
         if self.settings.ray_address:
             address = self.settings.ray_address
             log.info("using the Ray cluster at %s", address)
@@ -100,7 +100,7 @@ class DispatcherService:
         return start_local_head(
             self.settings.ray_state_file,
             num_cpus=self.settings.ray_num_cpus,
-            preload=self.settings.ray_warm_workers > 0,
+            preload=self._warm_pool_wanted(),
             ports=ports,
         )
 
@@ -153,6 +153,7 @@ class DispatcherService:
             max_concurrent=self.settings.max_concurrent_jobs,
             driver_env=DriverEnv.from_settings(self.settings),
             ray_source=self.current_ray_jobs,
+            quotas=self.settings.project_quotas,
         )
         self._thread = threading.Thread(
             target=dispatcher.run,
@@ -164,12 +165,17 @@ class DispatcherService:
         self.start_warm_pool()
         self.start_webhooks()
 
+    def _warm_pool_wanted(self) -> bool:
+        """Whether our local head keeps warm processes: asked for, and on a tested Ray (the pool rests on
+        Ray's private names; on another Ray it stays off, as check_at_start_up said)."""
+        return self.settings.ray_warm_workers > 0 and ray_compat.supported()
+
     def start_warm_pool(self) -> None:
         """Keep warm worker processes on our local head (not on a cluster joined through RAY_ADDRESS)."""
-        head, wanted = self.head, self.settings.ray_warm_workers
-        if head is None or wanted == 0 or head.node_manager_port is None:
+        head = self.head
+        if head is None or not self._warm_pool_wanted() or head.node_manager_port is None:
             return
-        kinds = job_pool_kinds(local_head_environment(preload=True), train_workers=wanted)
+        kinds = job_pool_kinds(local_head_environment(preload=True), self.settings.ray_warm_workers)
         self.warm_pool = WarmPool(head.node_manager_port, kinds)
         self._pool_stop = threading.Event()
         self._pool_thread = threading.Thread(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,41 +16,33 @@ from torch import Tensor
 
 from core.data import DatasetError
 from core.data.limits import DataLimits
+from core.failures import JobFailure
 from core.models import ModelLoadError
-from core.precision import compute_dtype
-from core.sharding import fsdp_wrapper
 from core.spec import JobSpec
-from core.training import Distributed, RunOptions, Trainer, TrainingError
-from workers.conventions import CANCEL_FILE, JobPolicy
+from core.training import Distributed, RunOptions, Trainer, TrainResult
+from workers.conventions import JobPolicy
+from workers.run_outcome import RunOutcome
 
 log = logging.getLogger(__name__)
 
 
-# Errors that a retry cannot fix: the same spec and data fail the same way again.
-FATAL_ERRORS = (TrainingError, DatasetError, ModelLoadError)
+CANCEL_POLL_S = 0.5
+"""How often rank 0 asks the job channel whether the driver asked the run to stop (one call in flight)."""
 
 
-class FatalJobError(RuntimeError):
-    """A failure a retry cannot fix, in a form that pickles (TrainingError's constructor does not round-trip)."""
+def loop_failure(exc: BaseException) -> JobFailure | None:
+    """The JobFailure a loop error stands for, when a retry cannot fix it (the same spec and data fail the
+    same way again); None for any other error, which Ray retries from the last checkpoint.
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (FatalJobError, (self.code, self.message))
-
-
-def error_payload(exc: BaseException) -> dict[str, str]:
-    """`{code, message}` for a loop failure, the shape of a job's `error` in the store."""
-    if isinstance(exc, TrainingError | FatalJobError):
-        return {"code": exc.code, "message": exc.message}
+    Always the base class: the job channel's process unpickles it, and must not import the loop for it.
+    """
+    if isinstance(exc, JobFailure):  # TrainingError included
+        return JobFailure(exc.code, exc.message, retryable=exc.retryable)
     if isinstance(exc, DatasetError):
-        return {"code": "dataset_error", "message": str(exc)}
+        return JobFailure("dataset_error", str(exc))
     if isinstance(exc, ModelLoadError):
-        return {"code": "model_load_error", "message": str(exc)}
-    return {"code": "worker_error", "message": f"{type(exc).__name__}: {exc}"}
+        return JobFailure("model_load_error", str(exc))
+    return None
 
 
 def _numeric(values: dict[str, Any]) -> dict[str, float]:
@@ -122,17 +115,48 @@ class _Collectives:
         return bool(buf.item() > 0)
 
 
-def make_should_stop(rank: int, cancel_file: Path, collectives: _Collectives) -> Callable[[], bool]:
-    """Rank 0 looks for the cancel file; the answer is broadcast so every rank stops on the same step.
+class CancelWatch:
+    """Rank 0's view of the channel's cancel flag, asked without blocking the loop.
 
-    The loop calls this on every rank before every step, so the broadcast is symmetric. A gloo broadcast
-    of one number costs well under a millisecond; `ray.train.collective.broadcast_from_rank_zero` (which
-    goes through the controller) would cost a round-trip per step.
+    At most one `cancel_requested` call is in flight, and a new one is sent at most every `poll_s`; a
+    step only looks whether the answer has come (`ray.wait` with no timeout).
     """
 
+    def __init__(self, channel: Any, poll_s: float = CANCEL_POLL_S) -> None:
+        self.channel = channel
+        self.poll_s = poll_s
+        self._pending: Any = None
+        self._asked_at = float("-inf")
+        self._cancelled = False
+
+    def requested(self) -> bool:
+        if self._cancelled:
+            return True
+        if self._pending is None:
+            if time.monotonic() - self._asked_at >= self.poll_s:
+                self._pending, self._asked_at = self.channel.cancel_requested.remote(), time.monotonic()
+            return False
+        ready, _ = ray.wait([self._pending], timeout=0)
+        if ready:
+            pending, self._pending = self._pending, None
+            try:
+                self._cancelled = bool(ray.get(pending))
+            except Exception as exc:  # noqa: BLE001 - a lost channel must not stop training
+                log.warning("could not ask the job channel for a cancel: %s", exc)
+        return self._cancelled
+
+
+def make_should_stop(rank: int, channel: Any | None, collectives: _Collectives) -> Callable[[], bool]:
+    """Rank 0 asks the job channel (CancelWatch); the answer is broadcast so every rank stops on the same step.
+
+    The loop calls this on every rank before every step, so the broadcast is symmetric. A gloo broadcast
+    of one number is cheap; `ray.train.collective.broadcast_from_rank_zero` (which goes through the
+    controller) would cost a round-trip per step.
+    """
+    watch = CancelWatch(channel) if rank == 0 and channel is not None else None
+
     def should_stop() -> bool:
-        wanted = rank == 0 and cancel_file.exists()
-        return collectives.broadcast_flag(wanted)
+        return collectives.broadcast_flag(watch is not None and watch.requested())
 
     return should_stop
 
@@ -156,26 +180,22 @@ def _device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def _result(result: Any) -> dict[str, Any]:
-    final = result.final_model_dir
-    return {
-        "status": result.status,
-        "step": result.step,
-        "total_steps": result.total_steps,
-        "final_model_dir": str(final) if final is not None else None,
-        "metrics": _numeric(result.metrics),
-        "eval_metrics": _numeric(result.eval_metrics),
-        "error": None,
-    }
+def _outcome(result: TrainResult) -> RunOutcome:
+    return RunOutcome(
+        "succeeded" if result.status == "completed" else "cancelled",
+        result.step,
+        result.total_steps,
+        final_model_dir=result.final_model_dir,
+    )
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+def train_loop_per_worker(config: dict[str, Any]) -> RunOutcome:
     """Entry point given to `TorchTrainer`: one rank of one job.
 
     config: ``spec`` (JobSpec JSON), ``output_dir``, ``cache_dir``, ``policy`` (a JobPolicy), ``channel``
-    (actor handle of the job channel, or None). Returns rank 0's summary (Ray keeps it as
-    ``Result.return_value``). A fatal loop error (TrainingError, DatasetError, ModelLoadError) is
-    recorded in the channel and raised, so Ray tears the whole worker group down (no rank hangs in a
+    (actor handle of the job channel, or None). Returns rank 0's RunOutcome (Ray keeps it as
+    ``Result.return_value``). A failure a retry cannot fix (`loop_failure`) is recorded in the channel
+    and raised as a JobFailure, so Ray tears the whole worker group down (no rank hangs in a
     collective); if Ray retries, the new group sees the record and returns it instead of failing again.
     """
     import ray.train.torch
@@ -189,25 +209,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if channel is not None:
         fatal = ray.get(channel.get_fatal.remote(), timeout=60)
         if fatal is not None:  # a retry after a deterministic failure: do not run it again
-            return {
-                "status": "failed",
-                "step": 0,
-                "total_steps": None,
-                "final_model_dir": None,
-                "error": fatal,
-            }
+            return RunOutcome.failed(fatal)
 
     collectives = _Collectives(world_size)
     device = _device(spec.resources.use_gpu)
-    if spec.resources.strategy == "fsdp" and torch_dist.is_initialized():  # FSDP2 (core.sharding)
-        wrap_model = fsdp_wrapper(device, compute_dtype(spec.training.precision, device))
-    else:
-        wrap_model = ray.train.torch.prepare_model
     dist = Distributed(
         rank=rank,
         world_size=world_size,
         all_reduce_sum=collectives.all_reduce_sum if collectives.active else None,
-        wrap_model=wrap_model,
+        wrap_model=ray.train.torch.prepare_model,  # DDP; under fsdp the loop shards the model itself
     )
     cache = config.get("cache_dir")
     policy: JobPolicy = config.get("policy") or JobPolicy()
@@ -217,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         device=device,
         allow_remote_code=policy.allow_remote_code,
         data_limits=DataLimits(**policy.data_limits),
-        should_stop=make_should_stop(rank, output_dir / CANCEL_FILE, collectives),
+        should_stop=make_should_stop(rank, channel, collectives),
     )
     reporter = RayReporter(rank, channel)
     threads = limit_cpu_threads(spec.resources.cpus_per_worker)
@@ -229,15 +239,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     checkpoint = ray.train.get_checkpoint()
     try:
         if checkpoint is None:
-            return _result(Trainer(spec, options, reporter, dist).run())
+            return _outcome(Trainer(spec, options, reporter, dist).run())
         with checkpoint.as_directory() as folder:  # holds model/ + trainer_state.pt
             options.resume_from = Path(folder)
-            return _result(Trainer(spec, options, reporter, dist).run())
-    except FATAL_ERRORS as exc:
-        payload = error_payload(exc)
+            return _outcome(Trainer(spec, options, reporter, dist).run())
+    except Exception as exc:
+        failure = loop_failure(exc)
+        if failure is None:
+            raise  # Ray retries the worker group from the last checkpoint
         if channel is not None:
             try:
-                ray.get(channel.set_fatal.remote({**payload, "rank": rank}), timeout=30)
+                ray.get(channel.set_fatal.remote(failure), timeout=30)
             except Exception as err:  # noqa: BLE001
                 log.warning("could not record the failure: %s", err)
-        raise FatalJobError(payload["code"], payload["message"]) from None
+        raise failure from None

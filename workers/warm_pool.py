@@ -7,9 +7,11 @@ first step on a small machine. The raylet can start idle workers ahead of time a
 (its `PrestartWorkers` call), and hands one to the next actor whose runtime_env string is the same
 (it matches a hash of the string, byte for byte); `RAY_preload_python_modules=workers.preload` makes
 each import what it will need while it idles. This module keeps a few such processes ready for each
-runtime_env a job's actors use, and starts more as jobs take them.
+runtime_env a job's actors use, and starts more as jobs take them. Both the prestart call and the
+strings below rest on Ray's private names (workers.ray_compat): on an untested Ray the service keeps
+no pool.
 
-The strings, as Ray 2.60 writes them (tests/workers/test_warm_pool.py checks a real job takes the pool):
+The strings, as the tested Ray writes them (tests/workers/test_warm_pool.py checks a real job takes the pool):
 - the supervisor: the Jobs API's own runtime_env for it (`_get_supervisor_runtime_env`);
 - our channel, made by the driver: none, since jobs are submitted without one;
 - the task that runs fit() (workers/job_run.py): `{"env_vars": RUN_ENV}`, as Python's json writes it;
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from workers import ray_compat
 from workers.conventions import RUN_ENV, TRAIN_WORKER_MARKER
 
 log = logging.getLogger("workers.warm_pool")
@@ -46,7 +49,7 @@ PRESTART_TRIES = 3
 IDLE_CORES_TO_REFILL = 1.0
 """While jobs run, the pool starts a process only when this machine left at least this many cores idle:
 a starting process imports for seconds on one core, and on a machine the jobs keep busy that core
-would come out of their steps (on 2 vCPUs, a refill beside a 2-worker job made its steps 5x slower)."""
+would come out of their steps (measured in bench/README.md)."""
 
 
 @dataclass(frozen=True)
@@ -64,36 +67,12 @@ class PoolKind:
         return dict(json.loads(self.serialized_runtime_env).get("env_vars") or {})
 
 
-def train_env_vars(env: Mapping[str, str]) -> dict[str, str]:
-    """The env_vars Ray Train gives its controller when the driver's environment is `env` (Ray 2.60)."""
-    from ray.train.v2._internal.constants import (
-        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-        ENV_VARS_TO_PROPAGATE,
-        RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-    )
-
-    out = {key: env[key] for key in ENV_VARS_TO_PROPAGATE if key in env}
-    out.setdefault(
-        RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
-    )
-    return out
-
-
-def supervisor_runtime_env() -> str:
-    """The runtime_env string of the Jobs API's supervisor actor for a job submitted without one."""
-    from ray.dashboard.modules.job.job_manager import JobManager
-    from ray.runtime_env import RuntimeEnv
-
-    runtime_env = JobManager._get_supervisor_runtime_env(None, None, "", resources_specified=False)  # type: ignore[arg-type]
-    return RuntimeEnv(**runtime_env).serialize()
-
-
 def job_pool_kinds(head_env: Mapping[str, str], train_workers: int) -> list[PoolKind]:
     """What one job with `train_workers` Train workers takes, for drivers whose environment is `head_env`."""
-    env_vars = {**train_env_vars(head_env), **RUN_ENV}
+    env_vars = {**ray_compat.train_env_vars(head_env), **RUN_ENV}
     worker_vars = {**env_vars, **TRAIN_WORKER_MARKER}
     return [
-        PoolKind("supervisor", supervisor_runtime_env(), 1),
+        PoolKind("supervisor", ray_compat.supervisor_runtime_env(), 1),
         PoolKind("channel", None, 1),
         PoolKind("fit", json.dumps({"env_vars": RUN_ENV}), 1),
         PoolKind("controller", _compact({"env_vars": env_vars}), 3),
@@ -199,7 +178,7 @@ class WarmPool:
         self.node_manager_port = node_manager_port
         self.kinds = sorted(kinds, key=lambda kind: kind.name)
         self._raylet_pid: int | None = None
-        self._stub = None
+        self._raylet = ray_compat.RayletPrestarter(self.raylet_address)
 
     @property
     def raylet_pid(self) -> int:
@@ -211,21 +190,7 @@ class WarmPool:
         return self._raylet_pid
 
     def _prestart(self, kind: PoolKind) -> None:
-        from ray._private.grpc_utils import init_grpc_channel
-        from ray._private.utils import get_runtime_env_info
-        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
-        from ray.runtime_env import RuntimeEnv
-
-        if self._stub is None:
-            self._stub = node_manager_pb2_grpc.NodeManagerServiceStub(init_grpc_channel(self.raylet_address))
-        request = node_manager_pb2.PrestartWorkersRequest(
-            language=common_pb2.Language.PYTHON, keep_alive_duration_secs=KEEP_ALIVE_S, num_workers=1
-        )
-        if kind.serialized_runtime_env is not None:
-            info = get_runtime_env_info(RuntimeEnv())
-            info.serialized_runtime_env = kind.serialized_runtime_env
-            request.runtime_env_info.CopyFrom(info)
-        self._stub.PrestartWorkers(request, timeout=10)
+        self._raylet.prestart(kind.serialized_runtime_env, KEEP_ALIVE_S)
 
     def counts(self) -> dict[str, int]:
         """Warm processes of each kind that no actor has taken yet (starting or idle)."""

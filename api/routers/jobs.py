@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -10,10 +11,12 @@ from api.deps import DbDep, PrincipalDep, SettingsDep
 from api.errors import PROBLEM_JSON, Problem
 from api.services import jobs as service
 from api.services.auth import Principal
+from api.services.chained_models import derived_jobs, source_model_lookup
+from api.services.estimates import cluster_history
 from api.services.hub_datasets import hub_dataset_lookup
 from api.services.specs import SpecLookups, check_spec
 from api.services.validation import validate_spec
-from core.schemas import CheckpointList, JobOut, JobPage, MetricSeries, ValidationOut
+from core.schemas import CheckpointList, DerivedJobList, JobOut, JobPage, MetricSeries, ValidationOut
 from core.settings import Settings
 from core.spec import JobSpec
 from core.store import Database
@@ -70,7 +73,8 @@ def create_job(
 def _lookups(request: Request, db: Database, settings: Settings, principal: Principal) -> SpecLookups:
     """The caller's id lookups, with `hf:` datasets loaded on the app's hub threads (the tokenizers' HubLoads)."""
     hub = request.app.state.tokenizers.hub
-    return service.spec_lookups(db, principal, hub_dataset=hub_dataset_lookup(settings, hub))
+    lookups = service.spec_lookups(db, principal, hub_dataset=hub_dataset_lookup(settings, hub))
+    return replace(lookups, source_model=source_model_lookup(db, principal, settings.artifacts_dir))
 
 
 @router.post(
@@ -90,7 +94,8 @@ def validate_job(
 ) -> ValidationOut:
     """Check the spec, the path policy and the dataset (rows, bad lines, token lengths, truncation) without queuing."""
     checked = check_spec(spec, settings, _lookups(request, db, settings, principal))
-    return validate_spec(checked, request.app.state.tokenizers, settings.data_limits())
+    tokenizers = request.app.state.tokenizers
+    return validate_spec(checked, tokenizers, settings.data_limits(), history=cluster_history(db))
 
 
 @router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")
@@ -150,6 +155,12 @@ def job_metrics(
         limit=limit,
     )
     return Response(service.series_json(series), media_type="application/json")
+
+
+@router.get("/jobs/{job_id}/derived", response_model=DerivedJobList, summary="Jobs chained from a job")
+def job_derived(job_id: JobId, db: DbDep, principal: PrincipalDep) -> DerivedJobList:
+    """Jobs whose `model.from_job` is this job (its final model, or a checkpoint: source_step), oldest first."""
+    return derived_jobs(db, principal, job_id)
 
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, summary="Checkpoints of a job")

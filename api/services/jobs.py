@@ -94,6 +94,7 @@ def to_out(job: Job | Row[Any], queue_position: int | None = None) -> JobOut:
         metrics=job.latest_metrics,
         error=JobError(**error) if error else None,
         queue_position=queue_position,
+        queue_reason=job.queue_reason if job.status == JobStatus.QUEUED.value else None,
         attempt=job.attempt or 0,
         group=job.group_id,
     )

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from api.errors import ProblemError, invalid, pydantic_errors, summary
 from api.services.paths import PathPolicy, ResolvedPath, resolve_dataset_file, resolve_model
 from core.settings import Settings
-from core.spec import JobSpec
+from core.spec import JobSpec, ModelSpec
 
 DATASET_ID = re.compile(r"^ds_[0-9a-f]{8,64}$")
 JOB_ID = re.compile(r"^job_[0-9A-Za-z]{26}$")
@@ -27,6 +27,8 @@ class SpecLookups:
 
     dataset: Callable[[str], str | None]
     final_model: Callable[[str], str | None] = lambda _job_id: None
+    #: `model.from_job` (+ `step`) -> the model folder to train from; raises 404 / 422 problems
+    source_model: Callable[[str, int | None], str] | None = None
     #: `hf:` datasets: (value, field, DatasetSpec, is_eval) -> saved local folder (None: refused here)
     hub_dataset: Callable[[str, str, Any, bool], str] | None = None
 
@@ -91,7 +93,7 @@ def check_spec(spec: JobSpec, settings: Settings, lookups: SpecLookups) -> Check
     errors.extend(webhook_host_errors(spec, settings))
     resolved: dict[str, str] = {}
     policy = path_policy(settings)
-    model = resolve_model_or_error(spec.model.path, policy, lookups, errors)
+    model = resolve_model_or_error(spec.model, policy, lookups, errors)
     checks: list[tuple[str, str, Callable[[], str]]] = [
         (
             "dataset.train",
@@ -151,19 +153,28 @@ def webhook_host_errors(spec: JobSpec, settings: Settings) -> list[dict[str, str
 
 
 def resolve_model_or_error(
-    value: str, policy: PathPolicy, lookups: SpecLookups, errors: list[dict[str, str]]
+    model: ModelSpec, policy: PathPolicy, lookups: SpecLookups, errors: list[dict[str, str]]
 ) -> ResolvedPath | None:
-    """A job id names that job's final model (same project only); else resolve_model. Errors are collected."""
+    """`from_job` (or a job id as path) names that job's final model or checkpoint (same project only; an
+    unseen job is a 404); else resolve_model. 422 errors are collected."""
     try:
-        if JOB_ID.match(value):
-            final = lookups.final_model(value)
-            if final is None:
-                raise invalid("model.path", f"job '{value}' does not exist or has not saved a final model")
-            return ResolvedPath(final)
-        return resolve_model(value, "model.path", policy)
+        if model.from_job is not None:
+            return ResolvedPath(_source_model(model.from_job, model.step, lookups))
+        return resolve_model(model.path, "model.path", policy)
     except ProblemError as exc:
+        if exc.status != 422:
+            raise
         errors.extend(exc.errors or [{"loc": "model.path", "msg": exc.detail}])
         return None
+
+
+def _source_model(job_id: str, step: int | None, lookups: SpecLookups) -> str:
+    if lookups.source_model is not None:
+        return lookups.source_model(job_id, step)
+    final = lookups.final_model(job_id) if step is None else None
+    if final is None:
+        raise invalid("model.from_job", f"job '{job_id}' does not exist or has not saved a final model")
+    return final
 
 
 def spec_from_body(body: Any, settings: Settings, lookups: SpecLookups) -> CheckedSpec:

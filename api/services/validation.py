@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Any
 
 from api.errors import ProblemError
+from api.services.estimates import History, model_parameters
 from api.services.hub_loads import HubLoads
 from api.services.specs import CheckedSpec
 from core.data.errors import TOO_LARGE, DatasetError
@@ -82,10 +83,15 @@ def _resolver(checked: CheckedSpec) -> Any:
 
 
 def validate_spec(
-    checked: CheckedSpec, tokenizers: TokenizerCache, limits: DataLimits = DEFAULT_LIMITS
+    checked: CheckedSpec,
+    tokenizers: TokenizerCache,
+    limits: DataLimits = DEFAULT_LIMITS,
+    history: History | None = None,
 ) -> ValidationOut:
-    """Run the dataset checks for a policy-checked spec within ``limits`` (blocking: call it in a thread)."""
+    """Run the dataset checks for a policy-checked spec within ``limits`` and estimate the run (blocking:
+    call it in a thread); `history` gives this cluster's measured throughput (None: no duration)."""
     from core.data import prepare_data
+    from core.estimate import estimate
 
     spec, resolved = checked.original, checked.resolved
     tokenizer = tokenizers.get(resolved.model.path, spec.model.revision, checked.model_is_hub_id)
@@ -114,10 +120,13 @@ def validate_spec(
     per_step = spec.training.batch_size * spec.training.grad_accum_steps * spec.resources.num_workers
     if report.train_rows < per_step:
         warnings.append(f"only {report.train_rows} training rows for {per_step} pairs per optimizer step")
+    parameters, params_basis = model_parameters(resolved.model.path, checked.model_is_hub_id, tokenizers.hub)
+    throughput = history(parameters, resolved) if history is not None else None
     return ValidationOut(
         valid=report.rows_used > 0,
         spec=resolved.model_dump(mode="json"),
         model_is_hub_id=checked.model_is_hub_id,
         dataset=report,
         warnings=warnings,
+        estimate=estimate(resolved, prepared, parameters, throughput, params_basis),
     )

@@ -1,4 +1,4 @@
-"""Deterministic length-grouped batch plans, per epoch and per rank (HF LengthGroupedSampler style)."""
+"""Deterministic batch plans: length-grouped batches per epoch and rank, and which pairs of a batch share a row."""
 
 from __future__ import annotations
 
@@ -81,3 +81,58 @@ class LengthGroupedBatches:
             if share:
                 batches.append(indices[self.rank * share : (self.rank + 1) * share])
         return batches
+
+
+CAP_STEPS = 16
+"""plan_rows tries this many row caps (plus one) between the widest pair and max_length."""
+
+
+def plan_rows(
+    widths: Sequence[int], max_length: int | None, pairs_per_row: int | None = 1, *, multiple: int = 1
+) -> list[list[int]]:
+    """Which pairs of one batch share a packed row: lists of positions into ``widths``, each row ascending.
+
+    ``widths[i]`` is pair i's packed width (prompt + chosen + rejected tokens). Rows hold at most
+    ``pairs_per_row`` pairs (None: no limit) and, when they hold more than one, at most ``max_length``
+    tokens (None: unbounded); a pair wider than ``max_length`` has a row to itself. Rows are filled
+    first fit, widest pair first, up to a row cap; of the caps from the widest pair to
+    ``max_length``, the one with the fewest slots computed (rows × the widest row rounded up to
+    ``multiple``, the FlexAttention bucket) wins, the shorter cap on a tie. The widest pair's own
+    width is a candidate, so a batch is never padded more than with one pair per row.
+    ``pairs_per_row`` 1 is one row per pair, in batch order.
+    """
+    if pairs_per_row is not None and pairs_per_row < 1:
+        raise ValueError(f"pairs_per_row must be >= 1, got {pairs_per_row}")
+    if pairs_per_row == 1 or len(widths) < 2:
+        return [[i] for i in range(len(widths))]
+    widest, limit = max(widths), sum(widths) if max_length is None else max_length
+    most = len(widths) if pairs_per_row is None else pairs_per_row
+    caps = (
+        {limit}
+        if widest >= limit
+        else {widest + (limit - widest) * k // CAP_STEPS for k in range(CAP_STEPS + 1)}
+    )
+    plans = [_first_fit(widths, cap, most) for cap in sorted(caps)]
+    best = min(
+        plans, key=lambda rows: len(rows) * _round_up(max(sum(widths[i] for i in r) for r in rows), multiple)
+    )
+    return [sorted(row) for row in best]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _first_fit(widths: Sequence[int], cap: int, most: int) -> list[list[int]]:
+    """First fit, widest first: each pair joins the first row with room under ``cap`` and fewer than ``most`` pairs."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(widths)), key=lambda k: (-widths[k], k)):
+        row = next((r for r in range(len(rows)) if used[r] + widths[i] <= cap and len(rows[r]) < most), None)
+        if row is None:
+            rows.append([i])
+            used.append(widths[i])
+        else:
+            rows[row].append(i)
+            used[row] += widths[i]
+    return rows

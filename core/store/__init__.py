@@ -6,6 +6,8 @@ unit of work in ``Database.write()`` (``BEGIN IMMEDIATE`` on SQLite) or ``Databa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from core.store.checkpoints import (
     add_checkpoint,
     delete_checkpoint,
@@ -19,7 +21,9 @@ from core.store.dispatch import (
     active_jobs,
     claim_queued,
     oldest_queued,
+    queued_span,
     record_attempt,
+    set_queue_reasons,
     set_ray_submission,
     update_progress,
 )
@@ -46,13 +50,6 @@ from core.store.jobs import (
     transition,
 )
 from core.store.metrics import MetricRow, MetricSeries, append_metrics, metric_series
-from core.store.migrate import (
-    SchemaOutOfDateError,
-    current_revision,
-    ensure_schema_current,
-    head_revision,
-    upgrade,
-)
 from core.store.models import (
     TERMINAL_STATUSES,
     ApiToken,
@@ -76,6 +73,38 @@ from core.store.projects import (
     project_for_token,
     sync_tokens,
 )
+
+if TYPE_CHECKING:
+    from core.store.migrate import (
+        SchemaOutOfDateError,
+        current_revision,
+        ensure_schema_current,
+        head_revision,
+        open_database,
+        upgrade,
+    )
+
+_FROM_MIGRATE = frozenset(
+    {
+        "SchemaOutOfDateError",
+        "current_revision",
+        "ensure_schema_current",
+        "head_revision",
+        "open_database",
+        "upgrade",
+    }
+)
+"""Exported here, imported on first use: core.store.migrate brings Alembic in, which most callers never need."""
+
+
+def __getattr__(name: str) -> Any:
+    """The migration helpers, from core.store.migrate on first use (PEP 562)."""
+    if name in _FROM_MIGRATE:
+        from core.store import migrate
+
+        return getattr(migrate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "active_jobs",
@@ -140,10 +169,12 @@ __all__ = [
     "purge_idempotency_keys",
     "queue_position",
     "queue_positions",
+    "queued_span",
     "read_job_row",
     "read_job_row_async",
     "register_dataset",
     "require_job",
+    "set_queue_reasons",
     "set_ray_submission",
     "sqlite_file",
     "sync_tokens",

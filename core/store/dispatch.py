@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.store.events import append_event
@@ -16,7 +17,12 @@ _PG_CLAIM_LOCK = 0x6D696E6F72636C6D
 
 
 def claim_queued(
-    session: Session, limit: int, worker_id: str, *, max_running: int | None = None
+    session: Session,
+    limit: int,
+    worker_id: str,
+    *,
+    max_running: int | None = None,
+    job_ids: Sequence[str] | None = None,
 ) -> list[Job]:
     """Atomically move up to `limit` of the oldest queued jobs to running for `worker_id`.
 
@@ -25,7 +31,8 @@ def claim_queued(
     transaction (``Database.write``: BEGIN IMMEDIATE) excludes other claimers, and the status guard
     holds even without it. No job is claimed twice. Sets started_at, claimed_by, attempt += 1 and appends the status events. With
     `max_running`, claims only up to that many running jobs in total (claimers serialised by an
-    advisory lock on PostgreSQL). Returns the claimed jobs, oldest first.
+    advisory lock on PostgreSQL). With `job_ids`, claims only among those (the scheduler's choice).
+    Returns the claimed jobs, oldest first.
     """
     if max_running is not None:
         if session.get_bind().dialect.name == "postgresql":
@@ -37,14 +44,11 @@ def claim_queued(
     # Two statements, not `UPDATE ... WHERE seq IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)`:
     # PostgreSQL may rescan that subquery after updating rows, then find further queued jobs and
     # claim more than `limit`.
+    candidates = select(Job.seq).where(Job.status == JobStatus.QUEUED.value)
+    if job_ids is not None:
+        candidates = candidates.where(Job.id.in_(list(job_ids)))
     picked = list(
-        session.scalars(
-            select(Job.seq)
-            .where(Job.status == JobStatus.QUEUED.value)
-            .order_by(Job.seq)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+        session.scalars(candidates.order_by(Job.seq).limit(limit).with_for_update(skip_locked=True))
     )
     if not picked:
         return []
@@ -58,6 +62,7 @@ def claim_queued(
             heartbeat_at=now,
             claimed_by=worker_id,
             attempt=Job.attempt + 1,
+            queue_reason=None,
         )
         .returning(Job),
         execution_options={"synchronize_session": False, "populate_existing": True},
@@ -112,6 +117,26 @@ def oldest_queued(session: Session, limit: int = 1) -> list[Job]:
             select(Job).where(Job.status == JobStatus.QUEUED.value).order_by(Job.seq).limit(limit)
         )
     )
+
+
+def set_queue_reasons(session: Session, reasons: Mapping[str, str]) -> None:
+    """Record why each of these queued jobs waits (jobs no longer queued are left alone)."""
+    if not reasons:
+        return
+    session.connection().execute(
+        update(Job.__table__)
+        .where(Job.__table__.c.id == bindparam("job_id"), Job.__table__.c.status == JobStatus.QUEUED.value)
+        .values(queue_reason=bindparam("reason")),
+        [{"job_id": job_id, "reason": reason} for job_id, reason in reasons.items()],
+    )
+
+
+def queued_span(session: Session) -> tuple[int | None, int | None]:
+    """The seqs of the oldest and the newest queued job (None, None when none): two index lookups."""
+    row = session.execute(
+        select(func.min(Job.seq), func.max(Job.seq)).where(Job.status == JobStatus.QUEUED.value)
+    ).one()
+    return row[0], row[1]
 
 
 def active_jobs(session: Session) -> list[Job]:

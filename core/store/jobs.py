@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.failures import JobFailure
 from core.store.db import Database
 from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError
 from core.store.events import append_event
@@ -32,12 +33,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 MAX_PAGE = 1000
 
 
-@dataclass(frozen=True)
-class JobError:
-    """Why a job failed, in words a person can act on (the API's `error: {code, message}`)."""
-
-    code: str
-    message: str
+JobError = JobFailure
+"""The store's name for core.failures.JobFailure: why a job failed (the API's `error: {code, message}`)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +180,7 @@ _QUEUED_AHEAD = select(_JOBS.c.seq, _queued_ahead(_JOBS.c.seq)).where(
 JOB_VIEW_COLUMNS = (
     "id", "project", "name", "status", "cancel_requested", "spec", "group_id", "created_at", "updated_at",
     "started_at", "finished_at", "step", "total_steps", "latest_metrics", "error_code", "error_message",
-    "attempt", "seq",
+    "attempt", "seq", "queue_reason",
 )  # fmt: skip
 _JOB_VIEW = select(
     *(_JOBS.c[name] for name in JOB_VIEW_COLUMNS),
@@ -329,7 +326,7 @@ def transition(
     job_id: str,
     to_status: str,
     *,
-    error: JobError | tuple[str, str] | None = None,
+    error: JobFailure | tuple[str, str] | None = None,
     expected_from: str | Iterable[str] | None = None,
     message: str | None = None,
 ) -> bool:
@@ -356,7 +353,7 @@ def transition(
         values["started_at"] = func.coalesce(Job.started_at, now)
     if to in TERMINAL_STATUSES:
         values["finished_at"] = now
-    err = JobError(*error) if isinstance(error, tuple) else error
+    err = JobFailure(*error) if isinstance(error, tuple) else error
     if err is not None:
         values["error_code"], values["error_message"] = err.code, err.message
     result = session.execute(

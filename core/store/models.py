@@ -146,6 +146,7 @@ class Job(Base):
     ray_submission_id: Mapped[str | None] = mapped_column(String(128))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_event_seq: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
+    queue_reason: Mapped[str | None] = mapped_column(Text)  # why a queued job waits (the dispatcher's word)
 
     @property
     def is_terminal(self) -> bool:

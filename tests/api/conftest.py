@@ -145,3 +145,16 @@ def closed_hub_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(hub, "ENDPOINT", endpoint)
         yield endpoint
+
+
+@pytest.fixture
+def pg_client(make_settings: Callable[..., Settings]) -> Iterator[tuple[TestClient, Any]]:
+    """An API on a fresh, migrated PostgreSQL database (tests marked `postgres`), with its store."""
+    from tests.store.conftest import temporary_pg_database
+
+    with temporary_pg_database() as url:
+        upgrade(url)
+        app = create_app(make_settings(database_url=url))
+        with TestClient(app) as client:
+            yield client, app.state.db
+        app.state.db.dispose()

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from core.settings import Settings
-from core.store import append_event
+from core.store import append_event, transition
 from tests.api.conftest import PAIRS, auth
 
 ROUTES = ("/v1/jobs", "/v1/jobs:validate")
@@ -69,6 +69,8 @@ def finished_job_with_model(client: TestClient, spec: dict[str, Any], settings: 
     db = client.app.state.db  # type: ignore[attr-defined]
     with db.write() as session:
         append_event(session, job_id, "final_model", "final model saved", {"path": str(final)})
+        transition(session, job_id, "running")
+        transition(session, job_id, "succeeded")
     return job_id, final
 
 
@@ -105,8 +107,11 @@ def test_another_projects_final_model_is_not_reachable_by_path_or_job_id(
     for field in PATH_FIELDS:
         msg = refusal(wide_client, route, PATH_FIELDS[field](spec, str(final)), field)
         assert "not allowed" in msg, msg
-    msg = refusal(wide_client, route, {**spec, "model": job_id}, "model.path")
-    assert f"job '{job_id}' does not exist or has not saved a final model" == msg
+    # By job id: the same 404 as for a job that does not exist, whether named as path or from_job.
+    for model in (job_id, {"from_job": job_id}, {"from_job": job_id, "step": 1}):
+        r = wide_client.post(route, json={**spec, "model": model}, headers=auth("team-b"))
+        assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json", r.text
+        assert r.json()["detail"] == f"job '{job_id}' not found"
 
 
 def test_a_project_trains_on_its_own_final_model_by_job_id(
@@ -118,8 +123,8 @@ def test_a_project_trains_on_its_own_final_model_by_job_id(
     assert r.json()["spec"]["model"]["path"] == str(final.resolve())
     # A job without a final model (this new one) is refused by id, for its owner too.
     other = r.json()["id"]
-    msg = refusal(wide_client, "/v1/jobs", {**spec, "model": other}, "model.path", project="team-a")
-    assert "has not saved a final model" in msg
+    msg = refusal(wide_client, "/v1/jobs", {**spec, "model": other}, "model.from_job", project="team-a")
+    assert "has not saved a final model (status queued)" in msg
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -10,23 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from api.main import create_app
-from core.settings import Settings
-from core.store import append_metrics, upgrade
+from core.store import append_metrics
 from tests.api.conftest import auth
-from tests.store.conftest import temporary_pg_database
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_client(make_settings: Callable[..., Settings]) -> Iterator[tuple[TestClient, Any]]:
-    with temporary_pg_database() as url:
-        upgrade(url)
-        app = create_app(make_settings(database_url=url))
-        with TestClient(app) as client:
-            yield client, app.state.db
-        app.state.db.dispose()
 
 
 def test_api_on_postgres(pg_client: tuple[TestClient, Any], spec: dict[str, Any]) -> None:

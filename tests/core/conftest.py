@@ -59,3 +59,22 @@ def shared_data_dir() -> Path:
 def data_fixtures_dir() -> Path:
     """``tests/fixtures/data``: small hand-written preference files."""
     return DATA_FIXTURES
+
+
+def tiny_llama(attn: str = "sdpa") -> Any:
+    """A seeded 2-layer grouped-query Llama (vocab 97) in fp32 train mode, for attention/packing equivalence tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in real Llama models
+        head_dim=8,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float32).train()

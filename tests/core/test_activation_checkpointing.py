@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import training
+from core import policy_loading
 from core.models import apply_lora, causal_lm, enable_activation_checkpointing, load_model
 from core.packing import pack_pairs
 from core.scoring import PairScorer
@@ -74,7 +74,7 @@ def test_training_with_checkpointing_equals_training_without(
         enabled.append(model)
         enable_activation_checkpointing(model)
 
-    monkeypatch.setattr(training, "enable_activation_checkpointing", spy)
+    monkeypatch.setattr(policy_loading, "enable_activation_checkpointing", spy)
     rows = {}
     for flag in (False, True):
         rec = Recorder()

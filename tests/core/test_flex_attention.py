@@ -19,6 +19,7 @@ from core.attention import (
 )
 from core.packing import PAD, pack_pairs
 from core.scoring import PairScorer
+from tests.core.conftest import tiny_llama
 
 pytest.importorskip("torch.nn.attention.flex_attention")
 
@@ -38,23 +39,10 @@ def _pairs(seed: int, vocab: int) -> list[_Pair]:
 
 
 def _models(attn: str = "sdpa"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in real Llama models
-        head_dim=8,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    dense = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float32)
+    dense = tiny_llama(attn)
     flex = copy.deepcopy(dense)
     flex.set_attn_implementation(FLEX)
-    return dense.train(), flex.train()
+    return dense, flex
 
 
 def _scores_and_grads(model, batch):

@@ -1,4 +1,5 @@
-"""FSDP2 on 2 gloo ranks (spawned in-process, no Ray): same run as DDP and one process, sharded resume, final folder."""
+"""FSDP2 on 2 gloo ranks (spawned in-process, no Ray): same run as DDP and one process, rank-0 loading,
+sharded resume, final folder."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ class StepRecorder(NullReporter):
     def __init__(self) -> None:
         self.losses: dict[int, float] = {}
         self.grad_norms: dict[int, float] = {}
+        self.reference: list[dict[str, Any]] = []
+
+    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        if kind == "reference":
+            self.reference.append(data or {})
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         if "loss" in values:
@@ -65,10 +71,57 @@ def _sum(tensor: torch.Tensor) -> torch.Tensor:
     return buf.to(tensor.dtype)
 
 
-def _rank_main(rank: int, port: int, spec_json: str, out: str, stop_after: int | None, resume: bool) -> None:
+def _watch_loading() -> dict[str, Any]:
+    """Count this rank's ``from_pretrained`` and fingerprint calls; note what it brings to the broadcast."""
+    import torch.distributed.checkpoint.state_dict as dsd
+    from transformers import AutoModelForCausalLM
+
+    import core.reference_source
+    import core.sharding
+
+    seen: dict[str, Any] = {"from_pretrained": 0, "fingerprints": 0, "broadcasts": []}
+    load, fingerprint = AutoModelForCausalLM.from_pretrained, core.reference_source.model_fingerprint
+    skeleton, set_state = core.sharding.model_skeleton, dsd.set_model_state_dict
+
+    def counted_load(*args: Any, **kwargs: Any) -> Any:
+        seen["from_pretrained"] += 1
+        return load(*args, **kwargs)
+
+    def counted_fingerprint(*args: Any, **kwargs: Any) -> Any:
+        seen["fingerprints"] += 1
+        return fingerprint(*args, **kwargs)
+
+    def watched_skeleton(*args: Any, **kwargs: Any) -> Any:
+        model = skeleton(*args, **kwargs)
+        seen["skeleton_on_meta"] = all(p.is_meta for p in model.parameters())
+        return model
+
+    def watched_set_state(model: Any, state: dict, **kwargs: Any) -> Any:
+        local = sum(p.to_local().numel() for p in model.parameters())
+        full = sum(p.numel() for p in model.parameters())
+        seen["broadcasts"].append({"tensors_brought": len(state), "local": local, "full": full})
+        return set_state(model, state, **kwargs)
+
+    AutoModelForCausalLM.from_pretrained = counted_load
+    core.reference_source.model_fingerprint = counted_fingerprint
+    core.sharding.model_skeleton = watched_skeleton
+    dsd.set_model_state_dict = watched_set_state
+    return seen
+
+
+def _rank_main(
+    rank: int,
+    port: int,
+    spec_json: str,
+    out: str,
+    stop_after: int | None,
+    resume: bool,
+    caches: list[str] | None,
+) -> None:
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        loading = _watch_loading()
         spec = JobSpec.model_validate_json(spec_json)
         wrap = None
         if spec.resources.strategy == "ddp":
@@ -77,6 +130,7 @@ def _rank_main(rank: int, port: int, spec_json: str, out: str, stop_after: int |
         options = RunOptions(
             output_dir=Path(out),
             resume_from="latest" if resume else None,
+            cache_dir=Path(caches[rank]) if caches else None,
             should_stop=(lambda: max(rec.losses, default=0) >= stop_after) if stop_after else None,
         )
         result = train(spec, options, rec, Distributed(rank, 2, _sum, wrap))
@@ -85,6 +139,8 @@ def _rank_main(rank: int, port: int, spec_json: str, out: str, stop_after: int |
             "step": result.step,
             "losses": rec.losses,
             "norms": rec.grad_norms,
+            "loading": loading,
+            "reference": rec.reference,
         }
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))
     finally:
@@ -92,13 +148,25 @@ def _rank_main(rank: int, port: int, spec_json: str, out: str, stop_after: int |
 
 
 def run_two_ranks(
-    spec: JobSpec, out: Path, *, stop_after: int | None = None, resume: bool = False
+    spec: JobSpec,
+    out: Path,
+    *,
+    stop_after: int | None = None,
+    resume: bool = False,
+    caches: list[Path] | None = None,
 ) -> list[dict]:
+    """Run ``spec`` on 2 gloo ranks; ``caches``: one reference-cache folder per rank (default: a shared one)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_rank_main, (port, spec.model_dump_json(), str(out), stop_after, resume), nprocs=2, join=True)
+    cache_dirs = [str(c) for c in caches] if caches else None
+    mp.spawn(
+        _rank_main,
+        (port, spec.model_dump_json(), str(out), stop_after, resume, cache_dirs),
+        nprocs=2,
+        join=True,
+    )
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -124,6 +192,8 @@ def runs(tiny_model_dir: Path, learnable_pairs_file: Path, tmp_path_factory: pyt
         "ddp": run_two_ranks(make_spec(tiny_model_dir, learnable_pairs_file, "ddp", 2), root / "ddp"),
         "fsdp": run_two_ranks(fsdp_spec, root / "fsdp"),
         "fsdp_spec": fsdp_spec,
+        "model": tiny_model_dir,
+        "data": learnable_pairs_file,
     }
 
 
@@ -147,6 +217,20 @@ def test_fsdp_equals_ddp_and_one_process(runs: dict, tiny_model_dir: Path) -> No
     assert any(not torch.allclose(start[k], f[k]) for k in f)  # the weights really moved
 
 
+def test_only_rank0_reads_the_weights_and_fingerprints(runs: dict) -> None:
+    """FSDP: rank 1 builds on meta and gets its shards by broadcast; rank 0 alone hashes the model."""
+    zero, one = runs["fsdp"][0]["loading"], runs["fsdp"][1]["loading"]
+    assert zero["from_pretrained"] == 1 and one["from_pretrained"] == 0
+    assert one["skeleton_on_meta"] is True and "skeleton_on_meta" not in zero
+    [bring0], [bring1] = zero["broadcasts"], one["broadcasts"]
+    assert bring1["tensors_brought"] == 0 and bring0["tensors_brought"] > 0
+    assert bring1["local"] <= bring1["full"] // 2 + 1024  # rank 1 only ever held its half
+    assert (zero["fingerprints"], one["fingerprints"]) == (1, 0)
+    ddp = [r["loading"] for r in runs["ddp"]]  # the counters do count: under DDP every rank loads
+    assert [r["from_pretrained"] for r in ddp] == [1, 1]
+    assert [r["fingerprints"] for r in ddp] == [1, 0] and ddp[1]["broadcasts"] == []
+
+
 def test_sharded_checkpoint_resume_equals_straight_run(runs: dict) -> None:
     root, spec = runs["root"], runs["fsdp_spec"]
     first = run_two_ranks(spec, root / "split", stop_after=2)
@@ -162,6 +246,44 @@ def test_sharded_checkpoint_resume_equals_straight_run(runs: dict) -> None:
     a, b = final_weights(root / "fsdp"), final_weights(root / "split")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_ddp_checkpoint_resume_equals_straight_run_and_rank0_decides_the_cache(runs: dict) -> None:
+    """DDP on 2 ranks: stop at step 2, resume; the resumed half equals the straight run. The resumed run
+    gives rank 1 an empty cache folder of its own: rank 0's hit is shared, so no rank recomputes."""
+    root = runs["root"]
+    spec = make_spec(runs["model"], runs["data"], "ddp", 2)
+    first = run_two_ranks(spec, root / "ddp-split", stop_after=2)
+    assert first[0]["status"] == "cancelled" and first[0]["step"] == 2
+    assert [r["reference"][0]["cached"] for r in first] == [False, False]
+    caches = [root / "ddp-split" / "cache", root / "rank1-cache"]
+    second = run_two_ranks(spec, root / "ddp-split", resume=True, caches=caches)
+    assert [r["reference"][0]["cached"] for r in second] == [True, True]
+    assert second[0]["reference"][0]["key"] == second[1]["reference"][0]["key"]
+    assert not caches[1].exists()  # rank 1 neither read nor wrote a cache file
+    assert second[0]["status"] == "completed" and sorted(steps(second[0])) == [3, 4]
+    straight = steps(runs["ddp"][0])
+    for step, loss in steps(second[0]).items():  # fp32, same ranks, same order of additions
+        assert loss == pytest.approx(straight[step], rel=1e-6, abs=1e-7)
+    a, b = final_weights(root / "ddp"), final_weights(root / "ddp-split")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fsdp_live_reference_is_sharded_and_read_by_rank0(runs: dict) -> None:
+    """precompute_ref_logps false under FSDP: a frozen sharded copy, read by rank 0 only, scores each
+    batch; the losses equal the precomputed run's (the same weights score the same pairs)."""
+    spec = runs["fsdp_spec"].model_copy(deep=True)
+    spec.training.precompute_ref_logps = False
+    spec.training.checkpoint_every = None
+    live = run_two_ranks(spec, runs["root"] / "fsdp-live")
+    assert [r["loading"]["from_pretrained"] for r in live] == [2, 0]  # policy + reference, rank 0 only
+    assert [len(r["loading"]["broadcasts"]) for r in live] == [2, 2]
+    assert live[0]["reference"] == [] and live[0]["loading"]["fingerprints"] == 0  # no table, no cache key
+    precomputed = steps(runs["fsdp"][0])
+    for step, loss in steps(live[0]).items():
+        assert loss == pytest.approx(precomputed[step], rel=1e-5), step
+    assert sorted(steps(live[0])) == list(range(1, STEPS + 1))
 
 
 def test_fsdp_final_folder_loads_with_from_pretrained(runs: dict) -> None:

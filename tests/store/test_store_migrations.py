@@ -38,7 +38,7 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 def test_single_head_is_the_newest_revision() -> None:
@@ -46,6 +46,7 @@ def test_single_head_is_the_newest_revision() -> None:
     assert (migrate.MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
     assert (migrate.MIGRATIONS_DIR / "versions" / "0002_webhook_deliveries.py").is_file()
     assert (migrate.MIGRATIONS_DIR / "versions" / "0003_job_metric_rows.py").is_file()
+    assert (migrate.MIGRATIONS_DIR / "versions" / "0004_job_queue_reason.py").is_file()
 
 
 def test_models_and_migrated_schema_do_not_drift(empty_url: str) -> None:

@@ -15,20 +15,20 @@ from tests.webhook_receiver import receiver  # noqa: F401 (fixture)
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[Any]:
-    """A 2-CPU local Ray cluster, started through the adapter and shut down after the module."""
-    from workers import ray_cluster
+    """A 2-CPU local Ray cluster in this process, shut down after the module."""
+    from tests import ray_helpers
 
-    info = ray_cluster.start_local(num_cpus=2)
+    ray_helpers.start_local(num_cpus=2)
     try:
-        yield info
+        yield None
     finally:
-        ray_cluster.shutdown()
+        ray_helpers.shutdown()
 
 
 @pytest.fixture
 def own_ray_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A Ray token of this test's own (its file), for a head it starts; later tests get the default one back."""
-    from workers.ray_control import reload_auth_token
+    from workers.ray_compat import reload_auth_token
 
     token = tmp_path / "ray-token"
     token.write_text(secrets.token_hex(32))

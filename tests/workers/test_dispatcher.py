@@ -18,7 +18,7 @@ from workers.dispatcher import QUEUE_POLL_S, Dispatcher, DriverEnv
 
 
 class RecordingRayJobs:
-    """Stands in for workers.ray_control.RayJobs: remembers submissions; what it took is RUNNING."""
+    """Stands in for workers.ray_jobs_client.RayJobs: remembers submissions; what it took is RUNNING."""
 
     def __init__(self) -> None:
         self.submitted: dict[str, float] = {}

@@ -1,4 +1,5 @@
-"""A job whose data cannot be read fails as dataset_error on its first try: the worker loop in-process, no Ray."""
+"""Failures a retry cannot fix (unreadable data, a NaN loss) end a job on its first try as one JobFailure:
+the worker loop in-process, no Ray."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from typing import Any
 import pytest
 import ray
 import ray.train
+import ray.train.torch as ray_train_torch
 
+from core import losses
+from core.failures import JobFailure
 from core.spec import JobSpec
 from workers import train_worker
 from workers.conventions import JobPolicy
-from workers.train_worker import FatalJobError, train_loop_per_worker
+from workers.train_worker import train_loop_per_worker
 
 
 class _Remote:
@@ -25,14 +29,14 @@ class FakeChannel:
     """The job channel's three methods the worker calls, kept in memory (`ray.get` is patched to pass values)."""
 
     def __init__(self) -> None:
-        self.fatal: dict[str, Any] | None = None
+        self.fatal: JobFailure | None = None
         self.items: list[dict[str, Any]] = []
         self.get_fatal = _Remote(lambda: self.fatal)
         self.set_fatal = _Remote(self._set_fatal)
         self.put = _Remote(self.items.append)
 
-    def _set_fatal(self, payload: dict[str, Any]) -> None:
-        self.fatal = payload
+    def _set_fatal(self, failure: JobFailure) -> None:
+        self.fatal = failure
 
 
 class OneRank:
@@ -41,6 +45,9 @@ class OneRank:
 
     def get_world_size(self) -> int:
         return 1
+
+    def get_local_rank(self) -> int:
+        return 0
 
 
 @pytest.fixture
@@ -66,18 +73,18 @@ def test_deeply_nested_data_is_a_dataset_error_recorded_so_a_retry_does_not_run_
     channel = FakeChannel()
     config = {"spec": spec.model_dump_json(), "output_dir": str(tmp_path / "out"), "channel": channel}
 
-    with pytest.raises(FatalJobError) as first:
+    with pytest.raises(JobFailure) as first:
         train_loop_per_worker(config)
     assert first.value.code == "dataset_error"
     assert "line 1" in first.value.message and "nested deeper than 100 levels" in first.value.message
-    assert channel.fatal is not None and channel.fatal["code"] == "dataset_error"
+    assert channel.fatal == first.value
 
     def must_not_run(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the loop ran again after a fatal data error")
 
     monkeypatch.setattr(train_worker, "Trainer", must_not_run)
     retried = train_loop_per_worker(config)  # what Ray's restart of the worker group would do
-    assert retried["status"] == "failed" and retried["error"]["code"] == "dataset_error"
+    assert retried.status == "failed" and retried.failure == first.value
 
 
 def test_the_operators_data_limits_reach_the_loop(
@@ -99,6 +106,37 @@ def test_the_operators_data_limits_reach_the_loop(
         "channel": FakeChannel(),
         "policy": JobPolicy(data_limits={"max_json_depth": 4}),
     }
-    with pytest.raises(FatalJobError) as failed:
+    with pytest.raises(JobFailure) as failed:
         train_loop_per_worker(config)
     assert failed.value.code == "dataset_error" and "nested deeper than 4 levels" in failed.value.message
+
+
+def test_a_nan_loss_is_recorded_as_a_plain_job_failure_with_its_step(
+    without_ray: None,
+    tiny_model_dir: Path,
+    learnable_pairs_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = losses.LOSSES["sigmoid"]
+    monkeypatch.setitem(losses.LOSSES, "sigmoid", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout: (refs, []))  # rank 0's cancel poll
+    monkeypatch.setattr(ray_train_torch, "prepare_model", lambda model: model)  # one rank: no DDP
+    spec = JobSpec.model_validate(
+        {
+            "name": "nan",
+            "model": str(tiny_model_dir),
+            "loss": {"type": "sigmoid"},
+            "dataset": {"train": str(learnable_pairs_file), "max_rows": 16},
+            "training": {"max_steps": 2, "batch_size": 4, "max_length": 64},
+        }
+    )
+    channel = FakeChannel()
+    channel.cancel_requested = _Remote(lambda: False)
+    config = {"spec": spec.model_dump_json(), "output_dir": str(tmp_path / "out"), "channel": channel}
+
+    with pytest.raises(JobFailure) as failed:
+        train_loop_per_worker(config)
+    assert (failed.value.code, failed.value.message) == ("non_finite_loss", "loss is nan at step 1")
+    # the channel's process unpickles what is recorded: the base class, not the loop's TrainingError
+    assert type(channel.fatal) is JobFailure and channel.fatal == failed.value

@@ -1,12 +1,11 @@
-"""Driver-side forwarding rules without Ray: replayed rows dropped, rank mismatches found, failures summarised."""
+"""Driver-side forwarding rules without Ray: replayed rows dropped, rank mismatches found."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from workers.job_run import _Forwarder
-from workers.ray_job import _failure, _rank_differences
-from workers.train_worker import FatalJobError, error_payload
+from workers.ray_job import _rank_differences
 
 
 def _collect(skip: int = 0) -> tuple[_Forwarder, list[Any]]:
@@ -60,15 +59,3 @@ def test_rank_differences_ignore_per_rank_timings() -> None:
     assert _rank_differences([{**same, "step_time": 1.0}, {**same, "step_time": 2.0}]) == []
     assert _rank_differences([same, {**same, "loss": 0.6}]) == ["loss"]
     assert _rank_differences([same]) == []
-
-
-def test_failure_prefers_the_recorded_fatal_error_then_the_worker_exception() -> None:
-    class Boom(Exception):
-        worker_failures = {1: FatalJobError("non_finite_loss", "loss is nan at step 3")}
-
-    assert _failure(Boom(), {"code": "dataset_error", "message": "x"}, 1) == ("dataset_error", "x")
-    assert _failure(Boom(), None, 1) == ("non_finite_loss", "loss is nan at step 3")
-    Boom.worker_failures = {0: RuntimeError("Traceback...\n  more\nValueError: bad thing")}
-    code, message = _failure(Boom(), None, 2)
-    assert code == "worker_error" and message.endswith("ValueError: bad thing") and "2 retries" in message
-    assert error_payload(FatalJobError("a", "b")) == {"code": "a", "message": "b"}

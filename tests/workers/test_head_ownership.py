@@ -18,9 +18,9 @@ import pytest
 from core.settings import Settings
 from core.store import Database, claim_queued, create_job, get_job, list_events, set_ray_submission, upgrade
 from tests.serving import pid_alive
-from workers import ray_control
+from workers import ray_head
 from workers.head_state import HEAD_MARKER, process_started
-from workers.ray_control import LocalHead, start_local_head, stop_local_head
+from workers.ray_head import LocalHead, start_local_head, stop_local_head
 
 
 class Spawned(Exception):
@@ -36,9 +36,9 @@ def no_new_head(monkeypatch: pytest.MonkeyPatch) -> list[dict | None]:
         asked.append(ports)
         raise Spawned
 
-    monkeypatch.setattr(ray_control, "_spawn_head", spawn)
-    monkeypatch.setattr(ray_control, "ensure_auth_token", lambda folder: None)
-    monkeypatch.setattr(ray_control, "jobs_api_reachable", lambda url, timeout_s=5.0: True)
+    monkeypatch.setattr(ray_head, "_spawn_head", spawn)
+    monkeypatch.setattr(ray_head, "ensure_auth_token", lambda folder: None)
+    monkeypatch.setattr(ray_head, "jobs_api_reachable", lambda url, timeout_s=5.0: True)
     return asked
 
 
@@ -49,7 +49,7 @@ def running_head(tmp_path: Path) -> Iterator[LocalHead]:
     gcs.bind(("127.0.0.1", 0))
     gcs.listen()
     proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    ports = {name: 20000 + i for i, name in enumerate(ray_control.HEAD_LISTENERS)}
+    ports = {name: 20000 + i for i, name in enumerate(ray_head.HEAD_LISTENERS)}
     yield LocalHead(f"127.0.0.1:{gcs.getsockname()[1]}", "http://127.0.0.1:1", proc.pid, 2, 1, ports)
     proc.kill()
     proc.wait()
@@ -126,7 +126,7 @@ def test_a_dead_heads_leftovers_are_killed_and_its_ports_tried_first(tmp_path: P
         ["sleep", "300"], env={**os.environ, HEAD_MARKER: "h2"}, start_new_session=True
     )
     try:
-        ports = {name: 21000 + i for i, name in enumerate(ray_control.HEAD_LISTENERS)}
+        ports = {name: 21000 + i for i, name in enumerate(ray_head.HEAD_LISTENERS)}
         state = tmp_path / "ray-head.json"
         dead = LocalHead("127.0.0.1:1", "http://127.0.0.1:1", leader.pid, 2, 1, ports, head_id="h1")
         record(state, dead)
@@ -195,7 +195,7 @@ def test_a_dead_head_is_replaced_and_its_running_job_resubmitted(
     upgrade(url)
     db = Database(url)
     settings = Settings(database_url=url, artifacts_dir=tmp_path / "artifacts", ray_warm_workers=0)
-    ports = {name: 22000 + i for i, name in enumerate(ray_control.HEAD_LISTENERS)}
+    ports = {name: 22000 + i for i, name in enumerate(ray_head.HEAD_LISTENERS)}
     gone = subprocess.Popen(["true"])
     gone.wait()
     dead = LocalHead("127.0.0.1:1", "http://127.0.0.1:11", gone.pid, 2, 1, ports)

@@ -13,15 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from workers import ray_control
+from workers import ray_compat, ray_head
 from workers.ports import RAY_WORKER_PORTS_END, ephemeral_port_range, listen_ports
-from workers.ray_control import (
-    RayJobs,
-    RayUnavailableError,
-    jobs_api_reachable,
-    start_local_head,
-    stop_local_head,
-)
+from workers.ray_head import start_local_head, stop_local_head
+from workers.ray_jobs_client import RayJobs, RayUnavailableError, jobs_api_reachable
 
 
 def listening(pid: int) -> list[tuple[str, str, int]]:
@@ -49,8 +44,8 @@ def is_loopback(ip: str) -> bool:
 
 def test_head_ports_are_distinct_free_and_outside_the_ranges_others_take_ports_from() -> None:
     ephemeral_low, _ = ephemeral_port_range()
-    ports = listen_ports(len(ray_control.HEAD_LISTENERS))
-    assert len(set(ports)) == len(ray_control.HEAD_LISTENERS)
+    ports = listen_ports(len(ray_head.HEAD_LISTENERS))
+    assert len(set(ports)) == len(ray_head.HEAD_LISTENERS)
     # an outgoing connection takes its local port from the ephemeral range; Ray's workers bind 10002-19999
     assert all(RAY_WORKER_PORTS_END < port < ephemeral_low for port in ports), ports
     for port in ports:
@@ -83,12 +78,12 @@ def test_a_head_start_that_fails_is_retried_on_new_ports_and_the_error_quotes_ra
     def dashboard_port_taken_on_the_first_pick(count: int) -> list[int]:
         ports = real_listen_ports(count)
         if not picks:
-            ports[ray_control.HEAD_LISTENERS.index("dashboard-port")] = taken.getsockname()[1]
+            ports[ray_head.HEAD_LISTENERS.index("dashboard-port")] = taken.getsockname()[1]
         picks.append(ports)
         return ports
 
-    real_listen_ports = ray_control.listen_ports
-    monkeypatch.setattr(ray_control, "listen_ports", dashboard_port_taken_on_the_first_pick)
+    real_listen_ports = ray_head.listen_ports
+    monkeypatch.setattr(ray_head, "listen_ports", dashboard_port_taken_on_the_first_pick)
     try:
         with pytest.raises(RayUnavailableError, match="already occupied") as refused:
             start_local_head(tmp_path / "once" / "ray-head.json", num_cpus=1, preload=False, attempts=1)
@@ -100,7 +95,7 @@ def test_a_head_start_that_fails_is_retried_on_new_ports_and_the_error_quotes_ra
         head = start_local_head(state, num_cpus=1, preload=False, attempts=2)
         try:
             assert len(picks) == 2, "one failed start, then one on new ports"
-            dashboard = picks[1][ray_control.HEAD_LISTENERS.index("dashboard-port")]
+            dashboard = picks[1][ray_head.HEAD_LISTENERS.index("dashboard-port")]
             assert head.dashboard_url == f"http://127.0.0.1:{dashboard}" and head.alive()
             assert state.exists()
             assert (
@@ -138,3 +133,28 @@ def test_a_head_start_that_fails_is_retried_on_new_ports_and_the_error_quotes_ra
             stop_local_head(head, state)
     finally:
         taken.close()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.usefixtures("own_ray_token")
+def test_the_cluster_size_reads_the_same_on_the_tested_rays_path_and_the_public_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "ray-head.json"
+    head = start_local_head(state, num_cpus=1, preload=False)
+    try:
+        jobs = RayJobs(head.dashboard_url)
+        deadline = time.monotonic() + 30
+        while True:  # the node registers its resources shortly after the Jobs API answers
+            try:
+                tested = jobs.cluster_resources()
+                break
+            except RayUnavailableError:
+                assert time.monotonic() < deadline, "the cluster status never showed the node's CPUs"
+                time.sleep(0.5)
+        monkeypatch.setattr(ray_compat, "supported", lambda: False)  # what an untested Ray reads instead
+        public = jobs.cluster_resources()
+    finally:
+        stop_local_head(head, state)
+    assert tested == public == {"CPU": 1.0, "GPU": 0.0}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -13,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from workers import ray_cluster
+from tests import ray_helpers
 from workers.conventions import job_output_dir
-from workers.job_run import clear_cancel, request_cancel, run_job
+from workers.job_run import run_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,6 +30,7 @@ class Recorder:
     checkpoints: list[tuple[int, str, dict[str, float]]] = field(default_factory=list)
     on_train_step: Callable[[int], None] | None = None
     on_first_checkpoint: Callable[[int], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
 
     def on_metrics(self, step: int, values: dict[str, float]) -> None:
         self.metrics.append((step, values))
@@ -59,16 +61,17 @@ class Recorder:
             on_metrics=self.on_metrics,
             on_event=self.on_event,
             on_checkpoint=self.on_checkpoint,
+            cancel=self.cancel,
         )
 
 
 def wait_for_cpus(expected: float, timeout: float = 20.0) -> float:
     """Available CPUs once they equal `expected`, or when `timeout` runs out (Ray's view of them lags)."""
     deadline = time.monotonic() + timeout
-    cpus = ray_cluster.available_resources().get("CPU", 0.0)
+    cpus = ray_helpers.available_resources().get("CPU", 0.0)
     while cpus != expected and time.monotonic() < deadline:
         time.sleep(0.25)
-        cpus = ray_cluster.available_resources().get("CPU", 0.0)
+        cpus = ray_helpers.available_resources().get("CPU", 0.0)
     return cpus
 
 
@@ -79,7 +82,7 @@ def test_two_worker_job_succeeds_and_forwards_each_step_once(local_ray, job_spec
     outcome = rec.run("job-ok", job_spec(), tmp_path)
 
     assert outcome.status == "succeeded", outcome
-    assert outcome.last_step == 8 and outcome.error is None
+    assert outcome.last_step == 8 and outcome.failure is None
     assert rec.train_steps == list(range(1, 9))
     losses = [v["loss"] for _, v in rec.metrics if "loss" in v]
     assert all(isinstance(x, float) for x in losses) and len(set(losses)) > 1
@@ -123,9 +126,9 @@ def test_a_run_starts_only_the_actors_it_needs(local_ray, job_spec, tmp_path: Pa
 
     JobTrainer drops the first through a private hook of Ray's, so this fails if a Ray upgrade moves it.
     """
-    before = Counter(ray_cluster.actor_class_names())
+    before = Counter(ray_helpers.actor_class_names())
     outcome = Recorder().run("job-actors", job_spec(max_steps=2), tmp_path)
-    started = Counter(ray_cluster.actor_class_names()) - before
+    started = Counter(ray_helpers.actor_class_names()) - before
 
     assert outcome.status == "succeeded", outcome
     assert started["RayTrainWorker"] == 2 and started["TrainController"] == 1 and started["JobChannel"] == 1
@@ -138,10 +141,10 @@ def test_dataset_error_reaches_the_driver_as_code_and_message(local_ray, job_spe
     started = time.monotonic()
     outcome = rec.run("job-bad-data", job_spec(str(missing), max_retries=1), tmp_path)
 
-    assert outcome.status == "failed"
-    assert outcome.error_code == "dataset_error", outcome
-    assert "nope.jsonl" in outcome.error_message and "Traceback" not in outcome.error_message
-    assert len(outcome.error_message) < 500
+    assert outcome.status == "failed" and outcome.failure is not None
+    assert outcome.failure.code == "dataset_error", outcome
+    assert "nope.jsonl" in outcome.failure.message and "Traceback" not in outcome.failure.message
+    assert len(outcome.failure.message) < 500
     assert rec.train_steps == []
     assert time.monotonic() - started < 90
     assert wait_for_cpus(2) == 2
@@ -152,13 +155,14 @@ def test_cancel_stops_within_seconds_frees_cpus_and_a_new_driver_resumes(
 ) -> None:
     spec = job_spec(max_steps=400, checkpoint_every=50, eval_every=None)
     asked: list[float] = []
+    rec = Recorder()
 
     def cancel_at(step: int) -> None:
         if step >= 3 and not asked:
-            request_cancel(tmp_path, "job-cancel")
+            rec.cancel.set()  # what the driver's cancel watcher does; run_job tells the job's channel
             asked.append(time.monotonic())
 
-    rec = Recorder(on_train_step=cancel_at)
+    rec.on_train_step = cancel_at
     outcome = rec.run("job-cancel", spec, tmp_path)
 
     assert outcome.status == "cancelled", outcome
@@ -171,7 +175,6 @@ def test_cancel_stops_within_seconds_frees_cpus_and_a_new_driver_resumes(
     assert wait_for_cpus(2) == 2
 
     # A new driver with the same job id and artifacts dir resumes the Ray run from its latest checkpoint.
-    clear_cancel(tmp_path, "job-cancel")
     again = Recorder()
     short = job_spec(max_steps=stopped + 2, checkpoint_every=50, eval_every=None)
     resumed = again.run("job-cancel", short, tmp_path)
@@ -186,7 +189,7 @@ def test_killed_worker_restarts_from_checkpoint_without_duplicate_steps(
     killed: list[int] = []
 
     def kill_a_worker(step: int) -> None:
-        pid = ray_cluster.train_worker_pids()[-1]
+        pid = ray_helpers.train_worker_pids()[-1]
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
@@ -200,13 +203,29 @@ def test_killed_worker_restarts_from_checkpoint_without_duplicate_steps(
     assert wait_for_cpus(2) == 2
 
 
+def test_a_killed_worker_without_retries_fails_the_run_as_worker_lost(
+    local_ray, job_spec, tmp_path: Path
+) -> None:
+    rec = Recorder(
+        on_first_checkpoint=lambda step: os.kill(ray_helpers.train_worker_pids()[-1], signal.SIGKILL)
+    )
+    spec = job_spec(max_steps=200, checkpoint_every=2, eval_every=None, max_retries=0)
+    outcome = rec.run("job-kill-no-retry", spec, tmp_path)
+
+    assert outcome.status == "failed" and outcome.failure is not None, outcome
+    assert outcome.failure.code == "worker_lost", outcome.failure
+    assert "was lost" in outcome.failure.message and "Traceback" not in outcome.failure.message
+    assert outcome.last_step >= 2 and outcome.latest_checkpoint is not None
+    assert wait_for_cpus(2) == 2
+
+
 def test_leaked_placement_group_is_found_and_removed(local_ray) -> None:
     from ray.util.placement_group import placement_group
 
     pg = placement_group([{"CPU": 1}])
     pg.wait(timeout_seconds=30)
     assert wait_for_cpus(1, timeout=10) == 1
-    assert pg.id.hex() in ray_cluster.leaked_placement_groups()
-    assert ray_cluster.remove_leaked_placement_groups() == [pg.id.hex()]
+    assert pg.id.hex() in ray_helpers.leaked_placement_groups()
+    assert ray_helpers.remove_leaked_placement_groups() == [pg.id.hex()]
     assert wait_for_cpus(2) == 2
-    assert ray_cluster.is_reachable()
+    assert ray_helpers.is_reachable()

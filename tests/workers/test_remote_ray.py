@@ -15,7 +15,7 @@ import pytest
 
 from tests.serving import pid_alive
 from tests.workers.service_helpers import TERMINAL, Server, job_body, metric_steps, submit, wait_for
-from workers.ray_control import start_local_head, stop_local_head
+from workers.ray_head import start_local_head, stop_local_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

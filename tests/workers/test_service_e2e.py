@@ -8,6 +8,8 @@ model, a few steps) so the module stays short.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,6 +166,28 @@ def test_cancel_mid_run_stops_within_seconds(server, tiny_model_dir, learnable_p
     # the resources went back: the next job runs
     nxt = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=2))
     assert wait_for(server, nxt, lambda j: j["status"] in TERMINAL)["status"] == "succeeded"
+
+
+def test_a_bad_dataset_and_a_killed_worker_reach_the_api_as_code_and_message(
+    server, tiny_model_dir, learnable_pairs_file
+):
+    bad = server.root / "deep.jsonl"
+    bad.write_text("[" * 100_000 + "\n", encoding="utf-8")
+    job = wait_for(server, submit(server, job_body(tiny_model_dir, bad)), lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "failed" and set(job["error"]) == {"code", "message"}, job
+    assert job["error"]["code"] == "dataset_error" and "nested deeper than" in job["error"]["message"]
+
+    raylet = raylet_pid(json.loads((server.root / "var" / "ray-head.json").read_text())["node_manager_port"])
+    assert raylet is not None
+    job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=400, max_retries=0))
+    wait_for(server, job_id, lambda j: (j["progress"]["step"] or 0) >= 2)
+    ranks = [pid for pid, (_, env) in _idle_and_busy(raylet)[1].items() if env.get("MINORDPO_TRAIN_WORKER")]
+    assert len(ranks) == 2, ranks
+    os.kill(max(ranks), signal.SIGKILL)
+    job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL, timeout=120)
+    assert job["status"] == "failed" and set(job["error"]) == {"code", "message"}, job
+    assert job["error"]["code"] == "worker_lost" and "was lost" in job["error"]["message"]
+    assert "Traceback" not in job["error"]["message"]
 
 
 def test_resources_the_cluster_cannot_provide_fail_at_once(server, tiny_model_dir, learnable_pairs_file):

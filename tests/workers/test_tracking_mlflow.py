@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
+from core.failures import JobFailure
 from core.settings import get_settings
 from core.spec import JobSpec
 from core.store import Database, create_job, get_job, list_events, migrate, transition
-from workers import entrypoint, job_run, ray_cluster
-from workers.job_run import JobOutcome
+from tests.driver_helpers import run_real_driver
+from workers import entrypoint
+from workers.run_outcome import RunOutcome
 from workers.tracking_mlflow import JOB_ID_TAG, flatten, mlflow_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,11 +101,11 @@ def _running_job(db: Database, spec: JobSpec) -> str:
 
 
 def _drive(
-    monkeypatch: pytest.MonkeyPatch, db: Database, job_id: str, tracking_uri: str, outcome: JobOutcome
+    monkeypatch: pytest.MonkeyPatch, db: Database, job_id: str, tracking_uri: str, outcome: RunOutcome
 ) -> None:
     """Run the real driver (`workers.entrypoint.run`) with a fake Ray run that reports 3 steps."""
 
-    def fake_run_job(job_id: str, spec: JobSpec, **kw: Any) -> JobOutcome:
+    def fake_run_job(job_id: str, spec: JobSpec, **kw: Any) -> RunOutcome:
         kw["on_event"]("started", "training started", {"total_steps": 3})
         for step in (1, 2, 3):
             kw["on_metrics"](step, {"train/loss": 1.0 / step, "train/rewards/margin": 0.1 * step})
@@ -111,15 +113,9 @@ def _drive(
         kw["on_event"]("finished", "training finished at step 3", {})
         return outcome
 
-    monkeypatch.setenv("MINORDPO_DATABASE_URL", str(db.engine.url))
-    monkeypatch.setenv("MINORDPO_MLFLOW_TRACKING_URI", tracking_uri)
-    monkeypatch.setattr(job_run, "run_job", fake_run_job)
-    monkeypatch.setattr(ray_cluster, "connect", lambda address: None)
-    get_settings.cache_clear()
-    try:
-        assert entrypoint.run(job_id) == 0
-    finally:
-        get_settings.cache_clear()
+    run_real_driver(
+        monkeypatch, job_id, fake_run_job, database_url=str(db.engine.url), mlflow_tracking_uri=tracking_uri
+    )
 
 
 def _kinds(db: Database, job_id: str) -> Callable[[str], list[Any]]:
@@ -136,7 +132,7 @@ def test_a_job_reports_params_metric_history_and_status_to_the_server(
     spec = _spec({"mlflow": {"experiment": "dpo-sweep", "run_name": "first", "tags": {"team": "rl"}}})
     job_id = _running_job(store, spec)
     final = tmp_path / "final"
-    _drive(monkeypatch, store, job_id, mlflow_server, JobOutcome("succeeded", 3, 3, final_model_dir=final))
+    _drive(monkeypatch, store, job_id, mlflow_server, RunOutcome("succeeded", 3, 3, final_model_dir=final))
 
     with store.read() as s:
         assert get_job(s, job_id).status == "succeeded"
@@ -172,7 +168,7 @@ def test_a_restarted_driver_reuses_the_run_and_a_failed_job_fails_it(
     assert tracker is not None and tracker.run_id is not None  # a first attempt that died before its end
     tracker.finish("cancelled")
     assert MlflowClient(mlflow_server).get_run(tracker.run_id).info.status == "KILLED"
-    failed = JobOutcome("failed", 3, 3, error_code="worker_error", error_message="boom")
+    failed = RunOutcome.failed(JobFailure("worker_error", "boom"), last_step=3, total_steps=3)
     _drive(monkeypatch, store, job_id, mlflow_server, failed)
 
     client = MlflowClient(mlflow_server)
@@ -188,7 +184,7 @@ def test_a_tracking_server_that_is_down_leaves_the_job_succeeded_with_one_event(
 ) -> None:
     job_id = _running_job(store, _spec({"mlflow": {"experiment": "e"}}))
     started = time.monotonic()
-    _drive(monkeypatch, store, job_id, f"http://127.0.0.1:{_free_port()}", JobOutcome("succeeded", 3, 3))
+    _drive(monkeypatch, store, job_id, f"http://127.0.0.1:{_free_port()}", RunOutcome("succeeded", 3, 3))
     assert time.monotonic() - started < 60  # one failed request, not one per metric point
 
     with store.read() as s:

@@ -29,6 +29,7 @@ export function renderJob(main, jobId) {
   const eventsList = h("ol.events", { id: "events-log", "aria-live": "off" });
   const checkpoints = h("tbody", {});
   const specPre = h("pre.spec", { id: "job-spec", tabindex: 0 });
+  const derived = h("span", { id: "derived-jobs", text: "none" });
 
   function showJob(data) {
     job = data;
@@ -50,7 +51,13 @@ export function renderJob(main, jobId) {
       ["Duration", fmtDuration(data.started_at, data.finished_at)],
       ["Attempt", String(data.attempt || 0)],
     ];
+    if (data.source_job) {
+      const from = data.source_step == null ? "final model" : `checkpoint at step ${data.source_step}`;
+      items.push(["Started from", h("span", { id: "source-job" }, h("a", { href: `#/jobs/${data.source_job}`, text: data.source_job }), ` (${from})`)]);
+    }
+    items.push(["Chained jobs", derived]);
     if (data.queue_position) items.push(["Queue position", String(data.queue_position)]);
+    if (data.queue_reason) items.push(["Waiting for", data.queue_reason]);
     summary.replaceChildren(...items.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
     errorBox.hidden = !data.error;
     if (data.error) {
@@ -82,6 +89,22 @@ export function renderJob(main, jobId) {
         ...(data.data.length
           ? data.data.map((c) => h("tr", {}, h("td.num", { text: c.step }), h("td", {}, h("code", { text: c.path })), h("td", { text: fmtTime(c.created_at) })))
           : [h("tr", {}, h("td", { colspan: 3, class: "muted", text: "No checkpoints yet." }))]),
+      );
+    } catch {
+      /* shown by the job refresh */
+    }
+  }
+
+  async function refreshDerived() {
+    try {
+      const data = await api(`/v1/jobs/${jobId}/derived`);
+      if (!alive || !data.data.length) return;
+      derived.replaceChildren(
+        ...data.data.flatMap((d, i) => [
+          ...(i ? [", "] : []),
+          h("a", { href: `#/jobs/${d.id}`, text: d.name }),
+          d.source_step == null ? "" : ` (step ${d.source_step})`,
+        ]),
       );
     } catch {
       /* shown by the job refresh */
@@ -146,6 +169,7 @@ export function renderJob(main, jobId) {
   for (const chart of charts) chart.schedule();
   refreshJob();
   refreshCheckpoints();
+  refreshDerived();
   return () => {
     alive = false;
     stream.close();

@@ -35,6 +35,19 @@ function readable(loc, text) {
   return { path: parts.join(" › "), line };
 }
 
+// The server's estimate; each figure's basis is its tooltip, and duration is "unknown" without history.
+function estimateList(e) {
+  const duration = e.duration_s == null ? "unknown (no measured throughput yet)" : `${fmtNumber(e.duration_s)} s`;
+  return h(
+    "ul",
+    { id: "spec-estimate", "aria-label": "Estimate" },
+    h("li", { title: e.basis.tokens, text: `Tokens: ${e.train_tokens} train, ${e.eval_tokens} eval per pass; ${e.total_train_tokens} trained` }),
+    h("li", { title: e.basis.steps, text: `Steps: ${e.steps} (${e.steps_per_epoch} per epoch)` }),
+    h("li", { title: e.basis.flops, text: `FLOPs per step: ${e.flops_per_step == null ? "unknown" : fmtNumber(e.flops_per_step)}` }),
+    h("li", { title: e.basis.duration, text: `Duration: ${duration}` }),
+  );
+}
+
 export function renderNewJob(main) {
   const editor = h("textarea", {
     id: "spec-editor",
@@ -98,6 +111,7 @@ export function renderNewJob(main) {
           ds.truncated_rows !== undefined ? h("li", { text: `Truncated rows: ${fmtNumber(ds.truncated_rows)}` }) : null,
           (out.warnings || []).map((w) => h("li.warn", { text: `Warning: ${w}` })),
         ),
+        out.estimate ? estimateList(out.estimate) : null,
       );
       return spec;
     } catch (err) {

@@ -1,11 +1,11 @@
-"""Ray's control plane for the service: our own local head process and the Ray Jobs API (one job per training job).
+"""Our own local Ray head, on the service's machine: start or adopt it, stop it, and give it an auth token.
 
-Local head: `ray start --head --block` as a child in its own session, every listener of it on
-127.0.0.1 (LOOPBACK_ONLY_ENV), with token auth as Ray configures it. It outlives a `kill -9` of the
-server, so running jobs keep going; the restarted server finds it through its state file (under its
-own artifacts dir) and adopts it, unless the head is stopping, belongs to another running server or
-no longer answers. A clean shutdown marks the state file "stopping", then sends SIGTERM, and
-`--block` makes Ray stop every process it started.
+`ray start --head --block` runs as a child in its own session, every listener of it on 127.0.0.1
+(LOOPBACK_ONLY_ENV), with token auth as Ray configures it. It outlives a `kill -9` of the server, so
+running jobs keep going; the restarted server finds it through its state file (under its own
+artifacts dir) and adopts it, unless the head is stopping, belongs to another running server or no
+longer answers. A clean shutdown marks the state file "stopping", then sends SIGTERM, and `--block`
+makes Ray stop every process it started.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 from workers.head_state import (
     HEAD_MARKER,
@@ -32,36 +31,12 @@ from workers.head_state import (
     write_state,
 )
 from workers.ports import listen_ports
+from workers.ray_compat import reload_auth_token
+from workers.ray_env import AUTH_MODE_ENV, LOOPBACK_ONLY_ENV, RAY_WORKER_ENV, SINGLE_NODE_ENV
+from workers.ray_jobs_client import RayUnavailableError, jobs_api_reachable
 
-log = logging.getLogger("workers.ray_control")
+log = logging.getLogger("workers.ray_head")
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # our clients send the cluster token; the head enforces it
-
-# Environment every Ray process of ours gets (driver, Train controller, Train workers).
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: the controller polls workers this often; at the 2 s default every
-#   `ray.train.report()` stalls ~1.3 s (NOTES-RAY pitfall 1).
-# RAY_TRAIN_ENABLE_PRINT_PATCH=0: no log flood when `datasets` fingerprints inside a worker (pitfall 5).
-RAY_WORKER_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-# For a cluster we start on this machine, bound to loopback, so it is one node: Ray Train's
-# PreemptionWatcher (an actor process per run, polling for node drains) has nothing to watch there,
-# since draining the only node ends the cluster. A cluster joined through RAY_ADDRESS keeps it.
-# Nor does a SIGTERM drain (Ray 2.60 waits up to 30 s for the node's workers to go idle): work on the only
-# node has nowhere to move, and a head that lingers draining is one a second server could take for live.
-SINGLE_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-# On Linux, Ray replaces a node IP of 127.0.0.1 by the host's address (services.resolve_ip_for_localhost),
-# and its GCS, raylet, workers and agents then listen on all interfaces or on that address. Off, this
-# switch (Ray's, for one-machine clusters on macOS and Windows) keeps the node IP 127.0.0.1, and Ray 2.60
-# binds every server of the node to 127.0.0.1 only; it also refuses `ray start --address` (joining a
-# second node), which a head of this machine alone never needs.
-LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-FINISHED = {"SUCCEEDED", "FAILED", "STOPPED"}
-JOBS_API_TIMEOUT_S = 60.0  # one call of the Jobs API (a submit included) on a busy cluster
 HEAD_START_ATTEMPTS = 3  # a `ray start` that exits early is retried on new ports (a port taken in between)
 ADOPT_PROBE_S = 10.0  # how long a recorded head's Jobs API may take to answer before it counts as gone
 NO_ANSWER = "it no longer answers"
@@ -70,10 +45,6 @@ HEAD_LISTENERS = (
     "port", "dashboard-port", "node-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
     "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port", "object-manager-port",
 )  # fmt: skip
-
-
-class RayUnavailableError(RuntimeError):
-    """Ray could not be started or reached; the message says what was tried."""
 
 
 @dataclass
@@ -142,36 +113,11 @@ def local_head_environment(preload: bool) -> dict[str, str]:
         **RAY_WORKER_ENV,
         **SINGLE_NODE_ENV,
         **LOOPBACK_ONLY_ENV,
-        "RAY_AUTH_MODE": "token",
+        AUTH_MODE_ENV: "token",
     }
     if preload:
         env.setdefault("RAY_preload_python_modules", "workers.preload")
     return env
-
-
-def jobs_api_reachable(dashboard_url: str, timeout_s: float = 5.0) -> bool:
-    """Whether the Ray Jobs API at `dashboard_url` answers (with Ray's auth token; each call given `timeout_s`)."""
-    try:
-        _jobs_client(dashboard_url, timeout_s)
-    except Exception:  # noqa: BLE001 - refused, timed out, not yet serving, auth not ready: all "not reachable"
-        return False
-    return True
-
-
-def _jobs_client(address: str, timeout_s: float) -> Any:
-    """Ray's `JobSubmissionClient` (it checks the connection as it is made), with a timeout on every call.
-
-    Ray's client sets none: a dashboard that accepts connections and never answers would hang the
-    dispatcher and /readyz for good. Ray 2.60's client makes every request through `_do_request`.
-    """
-    from ray.job_submission import JobSubmissionClient
-
-    class BoundedJobSubmissionClient(JobSubmissionClient):
-        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
-            kwargs.setdefault("timeout", timeout_s)
-            return super()._do_request(method, endpoint, **kwargs)
-
-    return BoundedJobSubmissionClient(address)
 
 
 def ensure_auth_token(folder: Path) -> None:
@@ -194,13 +140,6 @@ def ensure_auth_token(folder: Path) -> None:
                 handle.write(secrets.token_hex(32))
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
     reload_auth_token()
-
-
-def reload_auth_token() -> None:
-    """Make this process re-read Ray's token (Ray caches the first one it loads) after the token source changed."""
-    from ray._raylet import AuthenticationTokenLoader  # Ray 2.60; the cache is per process
-
-    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def start_local_head(
@@ -332,68 +271,3 @@ def _records(state_file: Path, head: LocalHead) -> bool:
     """Whether `state_file` records `head` (the same `ray start` process)."""
     recorded = LocalHead.load(state_file)
     return recorded is not None and recorded.pid == head.pid
-
-
-class RayJobs:
-    """The Ray Jobs API: submit, observe and stop driver processes on the cluster."""
-
-    def __init__(self, address: str, timeout_s: float = JOBS_API_TIMEOUT_S) -> None:
-        self.address = address
-        try:
-            self._client = _jobs_client(address, timeout_s)
-        except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, AuthenticationError, timeouts...
-            raise RayUnavailableError(f"cannot reach Ray's Jobs API at {address}: {exc}") from exc
-
-    def submit(self, submission_id: str, entrypoint: list[str]) -> None:
-        """Start `entrypoint` as a Ray job named `submission_id` (it asks for no CPU of its own).
-
-        No runtime_env: every actor of the job would inherit it, and its warm pool processes
-        (workers/warm_pool.py) only serve actors whose runtime_env string is exactly theirs.
-        """
-        import shlex
-
-        self._client.submit_job(
-            entrypoint=shlex.join(entrypoint),
-            submission_id=submission_id,
-            entrypoint_num_cpus=0,
-            metadata={"minordpo_job": submission_id},
-        )
-
-    def status(self, submission_id: str) -> str | None:
-        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED; None when the cluster has no such job."""
-        try:
-            return str(self._client.get_job_status(submission_id).value)
-        except RuntimeError as exc:
-            if "does not exist" in str(exc):
-                return None
-            raise
-
-    def info(self, submission_id: str) -> dict[str, Any]:
-        details = self._client.get_job_info(submission_id)
-        return {"message": details.message or "", "error_type": details.error_type}
-
-    def logs_tail(self, submission_id: str, chars: int = 2000) -> str:
-        try:
-            return self._client.get_job_logs(submission_id)[-chars:]
-        except RuntimeError:
-            return ""
-
-    def stop(self, submission_id: str) -> bool:
-        """Ask Ray to stop the job's driver (SIGTERM, then SIGKILL); returns whether it was running."""
-        try:
-            return bool(self._client.stop_job(submission_id))
-        except RuntimeError:
-            return False
-
-
-def cluster_resources(client: RayJobs) -> dict[str, float]:
-    """Total CPUs and GPUs the cluster's nodes offer (Ray's cluster-status endpoint, through the authenticated client)."""
-    resp = client._client._do_request("GET", "/api/cluster_status")
-    if resp.status_code != 200:
-        raise RayUnavailableError(f"cluster status answered {resp.status_code} at {client.address}")
-    usage = resp.json()["data"]["clusterStatus"].get("loadMetricsReport", {}).get("usage", {}) or {}
-    cpu, gpu = usage.get("CPU"), usage.get("GPU")
-    if not (isinstance(cpu, list) and len(cpu) == 2):
-        raise RayUnavailableError(f"cannot read the cluster's CPUs at {client.address}")
-    gpus = float(gpu[1]) if isinstance(gpu, list) and len(gpu) == 2 else 0.0  # absent: none
-    return {"CPU": float(cpu[1]), "GPU": gpus}

@@ -1,0 +1,71 @@
+"""The model fingerprint behind the reference cache: a hub id is keyed by the commit its revision names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.models import hub_commit, model_fingerprint
+from core.spec import ModelSpec
+
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+
+
+def fake_hub_cache(root: Path, repo_id: str, refs: dict[str, str]) -> Path:
+    """A folder laid out like Hugging Face's hub cache: ``models--owner--name/refs/<ref>`` + ``snapshots/<hash>``."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    for ref, commit in refs.items():
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    return root
+
+
+def test_hub_revision_resolves_to_its_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = fake_hub_cache(tmp_path, "owner/name", {"main": COMMIT_A, "v1": COMMIT_B})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert hub_commit("owner/name", None) == COMMIT_A
+    assert hub_commit("owner/name", "v1") == COMMIT_B
+    assert hub_commit("owner/name", COMMIT_B) == COMMIT_B  # a hash is its own commit
+    assert hub_commit("owner/name", "missing-branch") is None
+    assert hub_commit("other/name", None) is None
+
+
+def test_two_commits_give_two_keys_and_one_commit_one_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = fake_hub_cache(tmp_path, "owner/name", {"main": COMMIT_A})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    at_a = model_fingerprint(ModelSpec(path="owner/name"))
+    assert model_fingerprint(ModelSpec(path="owner/name", revision=COMMIT_A)) == at_a  # main *is* commit A
+    (cache / "models--owner--name" / "refs" / "main").write_text(COMMIT_B)  # main moved on
+    at_b = model_fingerprint(ModelSpec(path="owner/name"))
+    assert at_b != at_a
+    assert model_fingerprint(ModelSpec(path="owner/name", revision=COMMIT_B)) == at_b
+
+
+def test_uncached_hub_id_is_keyed_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    spec = ModelSpec(path="owner/name")
+    by_name = model_fingerprint(spec)
+    assert by_name == model_fingerprint(ModelSpec(path="owner/name", revision="main"))
+    assert by_name != model_fingerprint(ModelSpec(path="owner/other"))
+    fake_hub_cache(tmp_path, "owner/name", {"main": COMMIT_A})
+    assert model_fingerprint(spec) != by_name  # once downloaded, the commit keys it
+
+
+def test_local_folder_is_keyed_by_its_bytes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
+    assert model_fingerprint(ModelSpec(path=str(copy))) == model_fingerprint(
+        ModelSpec(path=str(tiny_model_dir))
+    )
+    config = copy / "config.json"
+    config.write_text(config.read_text().replace("}", ', "note": 1}', 1))
+    assert model_fingerprint(ModelSpec(path=str(copy))) != model_fingerprint(
+        ModelSpec(path=str(tiny_model_dir))
+    )
