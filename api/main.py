@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         redoc_url=None,
         lifespan=lifespan,
         # Off by default: the service exports Prometheus metrics itself, and looking up the global
-        # OpenTelemetry providers on every request took ~30 µs a GET under cProfile (bench/API.md).
+        # OpenTelemetry providers on every request costs a measurable share of a GET (bench/API.md).
         telemetry={"tracing": settings.otel, "metrics": settings.otel, "logs": settings.otel},
     )
     metrics = ApiMetrics()

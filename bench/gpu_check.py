@@ -21,7 +21,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("env", "parity", "throughput", "memory7b")
 PARITY = [{"attn": a, "precision": p} for p in ("fp32", "bf16") for a in ("flex_attention", "sdpa")]
-THROUGHPUT = [{"attn": "flex_attention", "precision": "bf16"}, {"attn": "sdpa", "precision": "bf16"}]
+THROUGHPUT = [
+    {"attn": "flex_attention", "precision": "bf16"},
+    {"attn": "sdpa", "precision": "bf16"},
+    {"attn": "flex_attention", "precision": "bf16", "pairs_per_row": None},  # several pairs per row
+]
 MEMORY = [{"layers": 1, "attn": "flex_attention"}, {"layers": 2, "attn": "flex_attention"}]
 TRL_NOTE = "trl is not importable here (the device image has none): TRL DPOTrainer configurations skipped"
 
@@ -73,11 +77,16 @@ def stage_throughput(args: argparse.Namespace, out: Path, ceiling: float | None)
     results = [spawn("throughput", {**config, "ceiling_tflops": ceiling}, args) for config in THROUGHPUT]
     ok = [r for r in results if r["ok"]]
     summary: dict[str, Any] = {}
-    if len(ok) == 2:
-        a, b = (r["step1_logps"] for r in ok)
+    if len(ok) >= 2 and ok[0]["attn"] == "flex_attention" and ok[1]["attn"] == "sdpa":
+        a, b = (r["step1_logps"] for r in ok[:2])
         diffs = [abs(x - y) for key in ("chosen", "rejected") for x, y in zip(a[key], b[key], strict=True)]
         summary["step1_logps_max_abs_diff_flex_vs_sdpa"] = max(diffs)
         summary["flex_over_sdpa_pairs_per_s"] = ok[0]["pairs_per_s"] / ok[1]["pairs_per_s"]
+    rows = [r for r in ok if r.get("pairs_per_row") == "auto"]
+    if rows and ok[0]["attn"] == "flex_attention" and ok[0].get("pairs_per_row") == 1:
+        summary["flex_rows_auto_over_one_pair_per_row_pairs_per_s"] = (
+            rows[0]["pairs_per_s"] / ok[0]["pairs_per_s"]
+        )
     trl = "run bench/train_vs_trl.py for TRL (CPU)" if importable("trl") else TRL_NOTE
     write(out, "throughput", {"results": results, "summary": summary, "trl": trl})
 

@@ -180,10 +180,17 @@ def n_params(model: Any, *, embeddings: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-def run_throughput(dry_run: bool, attn: str, precision: str, ceiling_tflops: float | None = None, **_: Any):
-    from core.attention import bucket_length
+def run_throughput(
+    dry_run: bool,
+    attn: str,
+    precision: str,
+    ceiling_tflops: float | None = None,
+    pairs_per_row: int | None = 1,
+    **_: Any,
+):
+    from core.attention import FLEX, FLEX_BUCKET, bucket_length
     from core.losses import sigmoid
-    from core.packing import pack_pairs
+    from core.packing import RowLayout
     from core.scoring import PairScorer
 
     device = device_for(dry_run)
@@ -192,7 +199,9 @@ def run_throughput(dry_run: bool, attn: str, precision: str, ceiling_tflops: flo
     model = llama("tiny" if dry_run else "1b", vocab, attn, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     scorer = PairScorer(model, compute_dtype=dtype)
-    packed = [pack_pairs(b, range(len(b))).to(device) for b in batches(pairs, batch_size)]
+    max_length = 128 if dry_run else 512
+    layout = RowLayout(pairs_per_row, max_length, FLEX_BUCKET if attn == FLEX else 1)  # None: as many as fit
+    packed = [layout.pack(b, range(len(b))).to(device) for b in batches(pairs, batch_size)]
     with torch.no_grad(), attention_context(attn, device):  # precomputed reference log-probs (untimed)
         refs = [scorer(b) for b in packed]
     opt = torch.optim.AdamW(model.parameters(), lr=5e-6)
@@ -227,6 +236,8 @@ def run_throughput(dry_run: bool, attn: str, precision: str, ceiling_tflops: flo
     result = {
         "attn": attn,
         "precision": precision,
+        "pairs_per_row": pairs_per_row or "auto",
+        "padding_fraction": sum(b.padding_fraction for b in packed) / len(packed),
         "params": n_params(model),
         "batch_pairs": batch_size,
         "timed_steps": len(packed),

@@ -15,11 +15,11 @@ def register(app: typer.Typer) -> None:
     def dispatcher() -> None:
         """Claim queued jobs and run them on Ray until SIGINT/SIGTERM (needs an up-to-date schema)."""
         from api.logging import configure_logging
+        from cli.output import load_settings
         from cli.serve import start_dispatcher
-        from core.settings import Settings
         from core.store import SchemaOutOfDateError, ensure_schema_current
 
-        settings = Settings()
+        settings = load_settings()
         configure_logging(settings.log_level, json_lines=settings.log_json, log_format=settings.log_format)
         try:
             ensure_schema_current(settings.database_url, settings.auto_migrate)

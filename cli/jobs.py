@@ -152,6 +152,8 @@ def register(app: typer.Typer) -> None:
             ("status", job.status + (" (cancel requested)" if job.cancel_requested else "")),
             ("progress", _progress(job) + " steps"),
             ("queue position", str(job.queue_position) if job.queue_position else ""),
+            ("waiting for", job.queue_reason or ""),
+            ("started from", _source(job)),
             ("group", job.group or ""),
             ("created", job.created_at.isoformat()),
             ("started", job.started_at.isoformat() if job.started_at else ""),
@@ -244,3 +246,10 @@ def register(app: typer.Typer) -> None:
                 *(number(row.get(c)) for c in columns),
             )
         out.print(table)
+
+
+def _source(job: Any) -> str:
+    """The job this one was chained from (`model.from_job`), with the checkpoint step if one was named."""
+    if not job.source_job:
+        return ""
+    return job.source_job + (f" (step {job.source_step})" if job.source_step is not None else "")

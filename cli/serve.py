@@ -75,6 +75,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the API server (schema check first; a fresh SQLite database is created and migrated)."""
         from api.logging import configure_logging
+        from cli.output import load_settings
 
         overrides: dict[str, Any] = {}
         if host is not None:
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
             overrides["port"] = port
         if api_workers is not None:
             overrides["api_workers"] = api_workers
-        settings = Settings(**overrides)
+        settings = load_settings(**overrides)
         configure_logging(settings.log_level, json_lines=settings.log_json, log_format=settings.log_format)
         _clear_shared_metrics()
         application = build_app(settings)  # every start-up check, made once here

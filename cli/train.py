@@ -92,6 +92,11 @@ def register(app: typer.Typer) -> None:
             spec = load_spec(spec_path, set_ or [])
         except SpecFileError as exc:
             raise _fail(str(exc)) from exc
+        if spec.model.from_job:
+            raise _fail(
+                f"model.from_job ({spec.model.from_job}) names a job of the service: run it there with "
+                "`minordpo submit`, or give model.path the folder of that job's model"
+            )
         settings = get_settings()
         run_dir = output_dir or settings.artifacts_dir / "runs" / spec.name
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -316,6 +316,11 @@ class MlflowTrackingSpec(StrictModel):
     tags: dict[
         Annotated[str, Field(min_length=1, max_length=250)], Annotated[str, Field(max_length=5000)]
     ] = Field(default_factory=dict, max_length=50, description="Extra tags set on the run")
+    log_model: bool = Field(
+        False,
+        description="Also upload the final model folder as the run's `model` artifact (its location is "
+        "always recorded; the folder can be many GB)",
+    )
 
 
 class TrackingSpec(StrictModel):

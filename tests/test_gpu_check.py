@@ -45,4 +45,9 @@ def test_gpu_check_dry_run_writes_every_stage(tmp_path: Path) -> None:
     throughput = stages["throughput"]
     assert all(r["pairs_per_s"] > 0 for r in throughput["results"])
     assert throughput["summary"]["step1_logps_max_abs_diff_flex_vs_sdpa"] < 0.05  # bf16 rounding only
+    layouts = {r["pairs_per_row"]: r for r in throughput["results"] if r["attn"] == "flex_attention"}
+    assert (
+        set(layouts) == {1, "auto"} and layouts["auto"]["padding_fraction"] <= layouts[1]["padding_fraction"]
+    )
+    assert throughput["summary"]["flex_rows_auto_over_one_pair_per_row_pairs_per_s"] > 0
     assert [r["layers"] for r in stages["memory7b"]["results"]] == [1, 2]

@@ -24,6 +24,9 @@ TESTED_RAY = (2, 60)
 pyproject.toml pins Ray to it (`>=2.60,<2.61`), any patch release of it counts."""
 VERSION_ENV = "_MINORDPO_RAY_VERSION"
 """When set, the Ray version to check instead of the installed one (tests simulate an untested Ray with it)."""
+TRAIN_USER_ERROR_ATTR = "_base_exc"
+"""Where Ray Train's UserExceptionWithTraceback keeps the loop's own exception (private; on a Ray that
+renames it, unwrapping stops there and the wrapper's own text still names the error)."""
 
 
 def tested_range() -> str:

@@ -9,16 +9,17 @@ from __future__ import annotations
 from ray import exceptions as ray_errors
 
 from core.failures import JobFailure
+from workers.ray_compat import TRAIN_USER_ERROR_ATTR
 
 OOM_TYPE_NAME = "OutOfMemoryError"
 """The class name of both Ray's and torch's out-of-memory errors (torch is not imported on the driver)."""
 OOM_WORDS = ("low on memory", "memory monitor", "OutOfMemory", "out of memory")
 """How Ray words the death of a process its memory monitor killed (an ActorDiedError carries only text)."""
 MESSAGE_LIMIT = 500
-WRAPPED_BY = ("cause", "health_check_failure", "_base_exc")
+WRAPPED_BY = ("cause", "health_check_failure", TRAIN_USER_ERROR_ATTR)
 """Where Ray keeps the exception it wraps: RayTaskError.cause, Ray Train's WorkerHealthCheckFailedError
-(a lost worker process) and UserExceptionWithTraceback (the loop's own error; a private attribute, so a
-Ray that renames it only loses the unwrapping: the wrapper's own text still names the error)."""
+(a lost worker process) and UserExceptionWithTraceback (the loop's own error; a private name, kept in
+workers/ray_compat.py)."""
 
 
 def failure_from_ray(exc: BaseException, *, retries: int = 0) -> JobFailure:

@@ -137,6 +137,9 @@ class MlflowTracker:
         if final_model_dir is not None:
             self._client.set_tag(self.run_id, "minordpo.final_model", str(final_model_dir)[:MAX_TAG_VALUE])
             self._client.log_text(self.run_id, f"{final_model_dir}\n", "final_model.txt")
+            mlflow_spec = self.spec.tracking.mlflow if self.spec.tracking else None
+            if mlflow_spec is not None and mlflow_spec.log_model:
+                self._client.log_artifacts(self.run_id, str(final_model_dir), "model")
         if self._events:
             lines = "".join(json.dumps(e, default=str) + "\n" for e in self._events)
             self._client.log_text(self.run_id, lines, f"events/{int(time.time())}.jsonl")

@@ -1,7 +1,7 @@
 """Model-hub look-ups for the API: a few threads of their own, an overall deadline, and an offline switch.
 
 `POST /v1/jobs:validate` with a hub id (e.g. `someorg/somemodel`) loads the tokenizer from the hub. The
-hub client retries an unreachable hub for ~45 s (huggingface_hub's backoff, 5 retries), so a load runs
+hub client retries an unreachable hub for a long time (huggingface_hub's backoff, 5 retries), so a load runs
 on a thread of its own while the request waits at most `MINORDPO_HUB_TIMEOUT_S`. At most
 `MINORDPO_HUB_LOAD_THREADS` loads run at once, counted until each really ends (a timed-out one keeps
 its slot); a request that finds them all busy is answered 503 with Retry-After at once, so a burst of

@@ -229,8 +229,8 @@ def metrics(
 
 
 def series_json(series: MetricSeries) -> bytes:
-    """The series as the route's JSON body, written by orjson (a 500-row, 228 kB answer: 5.4 ms through
-    pydantic and json.dumps, 0.2 ms so, in process); the same document, as tests/api/test_jobs.py checks (and
+    """The series as the route's JSON body, written by orjson (far cheaper than pydantic + json.dumps for a
+    long series; bench/API.md); the same document, as tests/api/test_jobs.py checks (and
     test_postgres.py with jsonb's numbers, which metric_series gives back as floats)."""
     return orjson.dumps({"data": series.data, "next_after_step": series.next_after_step})
 

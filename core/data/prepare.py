@@ -23,7 +23,7 @@ from core.data.report import MAX_SKIPPED_LISTED, LengthStats, SkippedRow, TokenL
 
 FINGERPRINT_VERSION = "minordpo-data-v1"
 _ENCODE_CHUNK = 512
-# Text handed to one tokenizer call, whatever the row count: tokenizing takes ~150 bytes per byte of text.
+# Text handed to one tokenizer call, whatever the row count: tokenizing needs many times the text's size in memory (bench/README.md).
 _ENCODE_CHUNK_CHARS = 4 * 1024 * 1024
 _CHAT_FORMATS = ("conversational", "openai")
 

@@ -106,7 +106,7 @@ class KeyBatch:
     """Reads rows by key; every key asked for during one turn of the event loop goes out in one query.
 
     Under load, requests that become ready together share a round trip instead of paying one each
-    (about 0.5 ms of Python and a backend wake-up on 2 cores); a lone read waits one loop turn."""
+    (Python overhead and a backend wake-up each); a lone read waits one loop turn."""
 
     def __init__(self, reads: AsyncHeldPool, query: PointQuery, key: str) -> None:
         self._reads = reads

@@ -226,7 +226,7 @@ def read_job_row(db: Database, job_id: str, *, project: str | None = None) -> Jo
 
 
 async def read_job_row_async(db: Database, job_id: str, *, project: str | None = None) -> JobRow | None:
-    """`read_job_row` for the event loop: inline on SQLite (a local read of ~50 µs); on PostgreSQL the
+    """`read_job_row` for the event loop: inline on SQLite (a local read); on PostgreSQL the
     loop is free during the round trip, which it shares with the other reads of the same loop turn."""
     if db.is_sqlite:
         return read_job_row(db, job_id, project=project)

@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
+from core.store.dispatch import set_queue_reasons
 from minordpo_client import Client
 from tests.live_server import LiveServer
 from tests.serving import free_port
@@ -129,6 +130,12 @@ def test_list_status_cancel_events_metrics(run, live_server: LiveServer, client:
     status = run("status", done.id)
     assert status.exit_code == 0 and "succeeded" in status.stdout and "4/4" in status.stdout
     assert json.loads(run("status", done.id, "--json").stdout)["id"] == done.id
+
+    with live_server.db.write() as s:  # what the dispatcher records for a job it cannot start yet
+        set_queue_reasons(s, {queued.id: "project_quota: 1 of 1 jobs of project team-a running"})
+    waiting = run("status", queued.id)
+    assert "waiting for" in waiting.stdout and "project_quota: 1 of 1 jobs" in waiting.stdout
+    assert "waiting for" not in status.stdout  # only a queued job waits
 
     cancelled = run("cancel", queued.id)
     assert cancelled.exit_code == 0 and f"{queued.id} cancelled" in cancelled.stdout

@@ -83,6 +83,15 @@ def test_missing_model_is_a_clear_error(tmp_path):
     assert "cannot load tokenizer" in result.output
 
 
+def test_a_chained_model_says_it_needs_the_service(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: chained\nmodel: {{from_job: job_01JABCDEFGHJKMNPQRSTVWXYZ0}}\ndataset: {{train: {HH_FILE}}}\n")
+    result = runner.invoke(app, ["train", str(spec)])
+    assert result.exit_code == 2
+    assert "model.from_job (job_01JABCDEFGHJKMNPQRSTVWXYZ0) names a job of the service" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_make_tiny_model_with_a_missing_tokenizer_is_one_line(tmp_path):
     result = CliRunner().invoke(
         app, ["make-tiny-model", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "nope")]

@@ -129,9 +129,20 @@ def test_a_job_reports_params_metric_history_and_status_to_the_server(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    spec = _spec({"mlflow": {"experiment": "dpo-sweep", "run_name": "first", "tags": {"team": "rl"}}})
+    spec = _spec(
+        {
+            "mlflow": {
+                "experiment": "dpo-sweep",
+                "run_name": "first",
+                "tags": {"team": "rl"},
+                "log_model": True,
+            }
+        }
+    )
     job_id = _running_job(store, spec)
     final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
     _drive(monkeypatch, store, job_id, mlflow_server, RunOutcome("succeeded", 3, 3, final_model_dir=final))
 
     with store.read() as s:
@@ -154,7 +165,8 @@ def test_a_job_reports_params_metric_history_and_status_to_the_server(
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [(3, 0.25)]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "final_model.txt" in artifacts and "events" in artifacts
+    assert "final_model.txt" in artifacts and "events" in artifacts and "model" in artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/config.json"]
 
 
 def test_a_restarted_driver_reuses_the_run_and_a_failed_job_fails_it(
