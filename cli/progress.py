@@ -61,7 +61,9 @@ class ConsoleReporter:
             self.task,
             completed=step,
             loss=f"{values['loss']:.4f}",
-            acc=f"{values['rewards/accuracies']:.2f}",
+            acc=f"{values['rewards/accuracies']:.2f}"
+            if "rewards/accuracies" in values
+            else "-",  # none in sft
             pps=f"{values.get('pairs_per_second', 0.0):.1f}",
         )
 

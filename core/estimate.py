@@ -83,14 +83,17 @@ def estimate(
     """The estimate of a validated spec over its prepared (tokenised, truncated) data."""
     from core.losses import WeightedLoss
     from core.packing import pair_width
+    from core.sft import chosen_width
 
     t, world = spec.training, spec.resources.num_workers
-    widths = [pair_width(p) for p in data.train]
+    width = chosen_width if spec.loss.is_sft else pair_width  # an sft row holds no rejected answer
+    widths = [width(p) for p in data.train]
     plan = plan_steps([p.length for p in data.train], widths, spec)
-    eval_tokens = sum(pair_width(p) for p in data.eval)
+    eval_tokens = sum(width(p) for p in data.eval)
     per_step = plan.total_tokens / plan.steps if plan.steps else 0.0
+    counted = "prompt + chosen" if spec.loss.is_sft else "prompt + chosen + rejected"
     basis = {
-        "tokens": "prompt + chosen + rejected tokens of each pair after tokenisation and truncation to "
+        "tokens": f"{counted} tokens of each pair after tokenisation and truncation to "
         f"max_length {t.max_length} (the same data preparation as the training loop)",
         "steps": (
             f"max_steps {t.max_steps}"

@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from core.data.hub import hub_name, is_hub_dataset
 from core.loss_names import LOSS_NAMES
@@ -142,7 +150,9 @@ class LossSpec(StrictModel):
     """Which loss (or weighted sum of losses) and its hyperparameters (TRL names)."""
 
     type: str | list[str] = Field(
-        "minor_dpo", description=f"One of {', '.join(LOSS_NAMES)}, or a list of them"
+        "minor_dpo",
+        description=f"One of {', '.join(LOSS_NAMES)}, or a list of them; sft alone is an SFT job "
+        "(trains on the chosen answers, no reference model)",
     )
     weights: list[Annotated[float, Field(ge=-1e6, le=1e6)]] | None = Field(
         None, max_length=32, description="One weight per loss type when type is a list"
@@ -156,6 +166,11 @@ class LossSpec(StrictModel):
     @property
     def names(self) -> tuple[str, ...]:
         return (self.type,) if isinstance(self.type, str) else tuple(self.type)
+
+    @property
+    def is_sft(self) -> bool:
+        """`type: sft` alone: supervised fine-tuning on the chosen answers, no reference (core.sft)."""
+        return self.names == ("sft",)
 
     @property
     def weight_values(self) -> tuple[float, ...]:
@@ -175,6 +190,8 @@ class LossSpec(StrictModel):
             raise ValueError("loss.type must name at least one loss")
         if self.weights is not None and len(self.weights) != len(self.names):
             raise ValueError(f"loss.weights has {len(self.weights)} entries for {len(self.names)} loss types")
+        if self.is_sft and self.weights is not None and self.weights != [1.0]:
+            raise ValueError("loss.weights: an sft job has one term and no weight; leave loss.weights out")
         return self
 
     def extra(self) -> dict[str, float]:
@@ -400,6 +417,17 @@ class JobSpec(StrictModel):
             raise ValueError(
                 "model.dtype float16 cannot be trained (fp16 gradients underflow without a loss scaler, "
                 "which this service does not run); use bfloat16, or float32 with training.precision bf16"
+            )
+        return value
+
+    @field_validator("training")
+    @classmethod
+    def _sft_has_no_reference(cls, value: TrainingSpec, info: ValidationInfo) -> TrainingSpec:
+        loss = info.data.get("loss")  # validated before training (field order)
+        if isinstance(loss, LossSpec) and loss.is_sft and not value.precompute_ref_logps:
+            raise ValueError(
+                "training.precompute_ref_logps: an sft job has no reference model, precomputed or live; "
+                "leave the setting out"
             )
         return value
 

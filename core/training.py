@@ -1,10 +1,10 @@
 """The preference-optimization recipe (torchtune style): `setup` builds everything, the loop only steps.
 
-`Trainer.setup` loads data, model (sharded with FSDP2 under `resources.strategy: fsdp`), reference,
-optimizer and schedule, and restores a checkpoint; `Trainer.train_loop` runs the optimizer steps,
-evaluation and checkpoints. Rank and world size come in from outside (`Distributed`); so do the DDP
-wrapper and the metric reduction. Metrics and events leave through a `Reporter`. Nothing here knows
-about HTTP or Ray.
+`Trainer.setup` loads data, model (sharded with FSDP2 under `resources.strategy: fsdp`), reference
+(none for an SFT job, core.sft), optimizer and schedule, and restores a checkpoint;
+`Trainer.train_loop` runs the optimizer steps, evaluation and checkpoints. Rank and world size come
+in from outside (`Distributed`); so do the DDP wrapper and the metric reduction. Metrics and events
+leave through a `Reporter`. Nothing here knows about HTTP or Ray.
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ from core.checkpointing import (
     set_rng_state,
 )
 from core.data import LengthGroupedBatches, PreparedData, prepare_data
-from core.losses import MetricSums
 from core.models import is_peft, load_model, load_tokenizer
 from core.optim import build_optimizer, build_scheduler
-from core.pair_loss import PairLoss
+from core.pair_loss import BatchLoss, PairLoss
 from core.policy_loading import enable_checkpointing, load_policy
 from core.precision import allow_tf32_for_fp32, compute_dtype
 from core.reference_source import ReferenceSetup, ReferenceSource, build_reference
 from core.reporting import NullReporter, Reporter
 from core.run_context import Distributed, RunOptions, TrainingError, TrainResult
 from core.scoring import PairScorer, scorer_for
+from core.sft import SftLoss
 from core.sharding import full_model_state_dict, full_tensor, load_sharded_scorer
 from core.spec import JobSpec
 
@@ -100,7 +100,7 @@ class Trainer:
         self.reporter = reporter or NullReporter()
         self.dist = dist or Distributed()
         self.device = torch.device(options.device)
-        self.pair_loss = PairLoss(spec.loss)
+        self.batch_loss: BatchLoss = SftLoss() if spec.loss.is_sft else PairLoss(spec.loss)
         self.checkpoint_root = options.output_dir / "checkpoints"
         # FSDP2 needs a process group; one process without one runs unsharded
         self.fsdp = spec.resources.strategy == "fsdp" and torch.distributed.is_initialized()
@@ -197,6 +197,8 @@ class Trainer:
     def _build_reference(
         self, data: PreparedData, policy: nn.Module, policy_scorer: PairScorer | None, *, resumed: bool
     ) -> ReferenceSource:
+        if not self.batch_loss.needs_reference:  # no reference model, no pass, no cache
+            return ReferenceSource(self.device)
         dist = self.dist
         load_sharded = None
         if self.fsdp:
@@ -224,7 +226,7 @@ class Trainer:
             setup,
             data,
             policy,
-            needs_reference=self.pair_loss.needs_reference,
+            needs_reference=self.batch_loss.needs_reference,
             resumed=resumed,
             reporter=self.reporter,
         )
@@ -287,18 +289,19 @@ class Trainer:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the step's metrics."""
         t, loop, model = self.spec.training, s.loop, s.train_scorer
         started = time.perf_counter()
-        sums, tokens, slots = MetricSums(), 0, 0
+        sums, tokens, slots = self.batch_loss.new_sums(), 0, 0
         for micro in range(t.grad_accum_steps):
             epoch, index, idx = next(stream)
-            batch = s.scorer.layout.pack([s.data.train[i] for i in idx], idx, self.pad_id).to(self.device)
+            pairs = [s.data.train[i] for i in idx]
+            batch = self.batch_loss.pack(s.scorer.layout, pairs, idx, self.pad_id).to(self.device)
             tokens, slots = tokens + batch.num_tokens, slots + batch.segments.numel()
             last = micro == t.grad_accum_steps - 1
             if self.fsdp:  # FSDP2: reduce-scatter on the last micro-batch only
                 model.set_requires_gradient_sync(last)  # type: ignore[operator]
             no_sync = not last and hasattr(model, "no_sync")  # DDP: all-reduce on the last one only
             with model.no_sync() if no_sync else nullcontext():  # type: ignore[operator]
-                per_pair, values = self.pair_loss(model, batch, s.reference)
-                (per_pair.mean() / t.grad_accum_steps).backward()
+                loss, values = self.batch_loss(model, batch, s.reference)
+                (loss / t.grad_accum_steps).backward()
             sums.add(values)
             loop.epoch, loop.batch_in_epoch = (epoch, index + 1)
         reduced = sums.reduce(self.dist.all_reduce_sum)
@@ -343,7 +346,7 @@ class Trainer:
             world_size=self.dist.world_size,
             shuffle=False,
         )
-        return self.pair_loss.evaluate(
+        return self.batch_loss.evaluate(
             s.scorer,
             s.data.eval,
             plan,

@@ -81,6 +81,22 @@ def test_tokens_and_steps_are_what_the_loop_consumes(
     assert "6 × parameters × tokens per step" in estimate["basis"]["flops"]
 
 
+def test_an_sft_estimate_counts_prompt_and_chosen_and_no_reference(
+    client: TestClient, tiny: Path, roots: Path, tmp_path: Path
+) -> None:
+    spec = {**spec_for(tiny, roots, max_steps=5), "loss": {"type": "sft"}}
+    estimate = validate(client, spec)["estimate"]
+    recorder = LastMetrics()
+    train(JobSpec.model_validate(spec), RunOptions(output_dir=tmp_path / "run"), recorder)
+    assert estimate["total_train_tokens"] == int(recorder.last["num_tokens"])
+    assert estimate["total_flops"] == pytest.approx(
+        estimate["flops_per_step"] * estimate["steps"]
+    )  # no reference
+    assert estimate["basis"]["tokens"].startswith("prompt + chosen tokens")
+    pairs = validate(client, spec_for(tiny, roots, max_steps=5))["estimate"]
+    assert estimate["train_tokens"] < pairs["train_tokens"]  # the rejected answers are not counted
+
+
 def test_live_reference_adds_its_forward(client: TestClient, tiny: Path, roots: Path) -> None:
     estimate = validate(client, spec_for(tiny, roots, max_steps=3, precompute_ref_logps=False))["estimate"]
     per_step = estimate["total_train_tokens"] / 3
