@@ -93,10 +93,10 @@ def save_sharded_checkpoint(
 ) -> Path | None:
     """FSDP: every rank writes its shards of model + optimizer (torch.distributed.checkpoint) to
     ``root/step-N/sharded``; rank 0 adds trainer_state.pt and publishes the folder. Every rank calls it;
-    rank 0 gets the path, the others None. ``root`` must be one folder that every rank sees."""
+    rank 0 gets the path, the others None. ``root`` must be one folder that every rank sees. Under LoRA
+    the model part is the adapters only: the frozen base is the pretrained model, loaded again on resume."""
     import torch.distributed as torch_dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = root / f"step-{loop.step:07d}"
     tmp = root / f".tmp-step-{loop.step:07d}-sharded"
@@ -104,12 +104,18 @@ def save_sharded_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch_dist.barrier()
-    model_state, optim_state = get_state_dict(scorer, optimizer)
+    model_state, optim_state, _ = _sharded_state(scorer, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / SHARDED_DIR)
     if rank != 0:  # dcp.save returns on rank 0 only after every rank has written its files
         torch_dist.barrier()
         return None
-    state = {"scheduler": scheduler.state_dict(), "loop": asdict(loop), "rng": rng_state(), "sharded": True}
+    state = {
+        "scheduler": scheduler.state_dict(),
+        "loop": asdict(loop),
+        "rng": rng_state(),
+        "sharded": True,
+        "lora": is_peft(scorer.model),
+    }
     torch.save(state, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -122,12 +128,31 @@ def save_sharded_checkpoint(
 def load_sharded_state(checkpoint: Path, scorer: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a sharded checkpoint's model and optimizer state into an already-sharded scorer (every rank)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_state, optim_state = get_state_dict(scorer, optimizer)
+    model_state, optim_state, options = _sharded_state(scorer, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=checkpoint / SHARDED_DIR)
-    set_state_dict(scorer, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    keys = set_state_dict(
+        scorer, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+    )
+    frozen = {name for name, p in scorer.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if keys.unexpected_keys or set(keys.missing_keys) - frozen:
+        raise RuntimeError(f"sharded checkpoint {checkpoint} does not fit the model: {keys}")
+
+
+def _sharded_state(scorer: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, Any]:
+    """The model and optimizer state a sharded checkpoint holds, and the options to load it with: under
+    LoRA the trainable adapters only (the frozen base is not checkpointed, so not loaded either)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    lora = is_peft(scorer.model)
+    options = StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+    model_state, optim_state = get_state_dict(scorer, optimizer, options=options)
+    if lora:  # the option keeps a tied head, a second name of the frozen embeddings
+        trainable = {n for n, p in scorer.named_parameters(remove_duplicate=False) if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trainable}
+    return model_state, optim_state, options
 
 
 def is_sharded_checkpoint(checkpoint: Path) -> bool:

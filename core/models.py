@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import re
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -120,10 +122,11 @@ def load_model(
     return model.to(device)
 
 
-def model_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+def model_skeleton(config: Any, dtype: torch.dtype, adapters: Any = None) -> nn.Module:
     """The architecture ``config`` describes, parameters on the meta device: no memory, no weight file read.
 
-    ``config`` is a loaded model's (it carries the attention implementation and any remote-code class map).
+    ``config`` is a loaded model's (it carries the attention implementation and any remote-code class map);
+    ``adapters``, a loaded LoRA model's ``lora_config``, wraps the skeleton with the same (meta) adapters.
     """
     from transformers import AutoModelForCausalLM
 
@@ -135,7 +138,11 @@ def model_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
             trust_remote_code=remote,
             attn_implementation=getattr(config, "_attn_implementation", None),
         )
-    model.config.use_cache = False
+        model.config.use_cache = False
+        if adapters is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, adapters)
     return model
 
 
@@ -164,6 +171,13 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
+def lora_config(model: nn.Module) -> Any:
+    """The config of a LoRA model's (single, trainable) adapter, to rebuild it elsewhere; None without LoRA."""
+    if not is_peft(model):
+        return None
+    return copy.deepcopy(model.peft_config[model.active_adapter])  # type: ignore[index]
+
+
 def causal_lm(model: nn.Module) -> nn.Module:
     """The Hugging Face causal LM inside a DDP and/or peft wrapper."""
     model = getattr(model, "module", model)
@@ -185,10 +199,24 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def adapters_disabled(model: nn.Module) -> AbstractContextManager[Any]:
-    """Context in which a LoRA model acts as its base model (the reference); a no-op otherwise."""
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Context in which a LoRA model acts as its base model (the reference); a no-op otherwise.
+
+    peft's ``disable_adapter`` also freezes the adapters; they stay trainable here, so that what is
+    trainable does not change under a pass (FSDP2 fixes a unit's gradient dtypes from its trainable
+    parameters at its first forward, which may be the reference pass). Disabled adapters take no part
+    in the forward, so they get no gradient either way.
+    """
     model = getattr(model, "module", model)
-    return model.disable_adapter() if is_peft(model) else nullcontext()
+    if not is_peft(model):
+        yield
+        return
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with model.disable_adapter():
+        for param in trainable:
+            param.requires_grad_(True)
+        yield
 
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")

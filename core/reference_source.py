@@ -96,7 +96,7 @@ def build_reference(
         if is_peft(policy):
             return ReferenceSource(
                 setup.device,
-                live=scorer_for(policy, spec.training, setup.device),
+                live=setup.policy_scorer or scorer_for(policy, spec.training, setup.device),
                 live_context=lambda: adapters_disabled(policy),
             )
         return ReferenceSource(setup.device, live=setup.fresh_scorer())

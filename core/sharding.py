@@ -16,7 +16,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from core.models import ModelLoadError, causal_lm, model_skeleton
+from core.models import ModelLoadError, causal_lm, lora_config, model_skeleton
 from core.rank_zero import share_from_rank0
 from core.scoring import PairScores
 
@@ -78,10 +78,11 @@ def load_sharded_scorer(
 ) -> nn.Module:
     """A sharded scorer holding rank 0's pretrained weights, read by rank 0 alone.
 
-    Rank 0 calls ``load_full`` (``from_pretrained``); the other ranks build the model from rank 0's
-    config on the meta device. ``make_scorer`` wraps the model (the same on every rank); every rank
-    shards it, the non-zero ranks allocate their (uninitialised) shards, and rank 0 broadcasts its
-    weights and buffers (e.g. rotary ``inv_freq``, which no state dict holds) into them.
+    Rank 0 calls ``load_full`` (``from_pretrained``, with LoRA adapters or not); the other ranks build
+    the model from rank 0's config (and adapter config) on the meta device. ``make_scorer`` wraps the
+    model (the same on every rank); every rank shards it, the non-zero ranks allocate their
+    (uninitialised) shards, and rank 0 broadcasts its weights, its adapters' initial weights included,
+    and buffers (e.g. rotary ``inv_freq``, which no state dict holds) into them.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -92,17 +93,17 @@ def load_sharded_scorer(
             model = load_full()
         except Exception as exc:
             failure = exc
-    shared = share_from_rank0(
-        (model.config, model.dtype, None) if model is not None else (None, None, str(failure)),
-        torch_dist.get_world_size(),
-    )
+    found = (None, None, None, str(failure))
+    if model is not None:
+        found = (causal_lm(model).config, causal_lm(model).dtype, lora_config(model), None)
+    shared = share_from_rank0(found, torch_dist.get_world_size())
     if failure is not None:
         raise failure  # after the broadcast: the other ranks are told, none waits for rank 0
-    config, model_dtype, error = shared
+    config, model_dtype, adapters, error = shared
     if error is not None:
         raise ModelLoadError(f"rank 0 could not load the model: {error}")
     if model is None:
-        model = model_skeleton(config, model_dtype)
+        model = model_skeleton(config, model_dtype, adapters)
     scorer = make_scorer(model)
     full = scorer.state_dict() if rank == 0 else {}
     shard_scorer(scorer, device, dtype)
@@ -162,3 +163,28 @@ def full_model_state_dict(scorer: nn.Module) -> dict[str, torch.Tensor]:
     aliases = _tied_aliases(scorer.model)
     full = {k.removeprefix("model."): v for k, v in state.items()}
     return {k: v for k, v in full.items() if k not in aliases}
+
+
+def unsharded_copy(scorer: nn.Module) -> nn.Module | None:
+    """On rank 0, the sharded scorer's model rebuilt on CPU with its full weights (a LoRA model keeps its
+    adapters, to be saved or merged as without FSDP); None elsewhere. Every rank must call it.
+
+    The copy is a meta skeleton that takes the gathered tensors themselves (``assign``), so rank 0 holds
+    the full weights once; the buffers, which FSDP does not shard, come from rank 0's sharded model.
+    """
+    full = full_model_state_dict(scorer)
+    if torch_dist.get_rank() != 0:
+        return None
+    model = scorer.model
+    lm = causal_lm(model)
+    copy = model_skeleton(lm.config, lm.dtype, lora_config(model))
+    missing, unexpected = copy.load_state_dict(full, strict=False, assign=True)
+    causal_lm(copy).tie_weights()
+    if unexpected or set(missing) - _tied_aliases(copy):
+        raise RuntimeError(
+            f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        copy.get_submodule(owner)._buffers[leaf] = buffer.detach().cpu().clone()
+    return copy

@@ -431,14 +431,6 @@ class JobSpec(StrictModel):
             )
         return value
 
-    @model_validator(mode="after")
-    def _fsdp_without_lora(self) -> JobSpec:
-        if self.resources.strategy == "fsdp" and self.lora is not None:
-            raise ValueError(
-                "resources.strategy fsdp does not support lora yet: use strategy ddp (the default) with lora"
-            )
-        return self
-
 
 def error_lines(exc: ValidationError) -> list[str]:
     """One ``field.path: message`` line per validation error, for CLIs and logs."""

@@ -44,7 +44,7 @@ from core.reporting import NullReporter, Reporter
 from core.run_context import Distributed, RunOptions, TrainingError, TrainResult
 from core.scoring import PairScorer, scorer_for
 from core.sft import SftLoss
-from core.sharding import full_model_state_dict, full_tensor, load_sharded_scorer
+from core.sharding import full_tensor, load_sharded_scorer, unsharded_copy
 from core.spec import JobSpec
 
 __all__ = ["Distributed", "RunOptions", "TrainResult", "Trainer", "TrainingError", "train"]
@@ -123,10 +123,6 @@ class Trainer:
 
         checkpoint = self._resume_checkpoint()
         if self.fsdp:
-            if spec.lora:
-                raise TrainingError(
-                    "fsdp_lora_unsupported", "resources.strategy fsdp does not support lora yet"
-                )
             # rank 0 reads the weights into CPU memory, each layer goes to the device as it is sharded;
             # the shards start from the pretrained weights and a sharded checkpoint is loaded into them below
             scorer = self._sharded_scorer(lambda: self._load_policy(checkpoint, CPU), trainable=True)
@@ -371,18 +367,15 @@ class Trainer:
         self.reporter.checkpoint(loop.step, path, metrics)
 
     def _save_final(self, scorer: PairScorer, tokenizer: Any) -> Path | None:
-        policy = scorer.model
-        full = full_model_state_dict(scorer) if self.fsdp else None  # a collective: every rank
-        if self.dist.rank != 0:
+        # FSDP: a collective (every rank); rank 0 gets the gathered weights as an unsharded CPU model
+        policy = unsharded_copy(scorer) if self.fsdp else scorer.model
+        if self.dist.rank != 0 or policy is None:
             return None
         out = self.options.output_dir / "final"
-        if full is not None:  # FSDP: rank 0 writes the gathered weights as one HF folder
-            policy.save_pretrained(out, state_dict=full, safe_serialization=True)
-        else:
-            if is_peft(policy):
-                policy.save_pretrained(out / "adapter", safe_serialization=True)
-                policy = policy.merge_and_unload()
-            policy.save_pretrained(out, safe_serialization=True)
+        if is_peft(policy):
+            policy.save_pretrained(out / "adapter", safe_serialization=True)
+            policy = policy.merge_and_unload()
+        policy.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         self.reporter.event("final_model", f"final model saved to {out}", {"path": str(out)})
         return out

@@ -1,4 +1,4 @@
-"""`resources.strategy` in a JobSpec: fsdp with lora is refused with a message naming both fields."""
+"""`resources.strategy` in a JobSpec: ddp and fsdp, each with or without lora, precomputed or live reference."""
 
 from __future__ import annotations
 
@@ -12,13 +12,18 @@ def spec(**extra: object) -> dict:
     return {"name": "s", "model": "var/models/tiny", "dataset": {"train": "d.jsonl"}, **extra}
 
 
-def test_fsdp_with_lora_is_refused_naming_the_fields() -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("precompute", [True, False])
+def test_strategies_take_lora_with_either_reference(strategy: str, precompute: bool) -> None:
+    job = JobSpec.model_validate(
+        spec(resources={"strategy": strategy}, lora={"r": 4}, training={"precompute_ref_logps": precompute})
+    )
+    assert job.resources.strategy == strategy and job.lora is not None and job.lora.r == 4
+    assert job.training.precompute_ref_logps is precompute
+
+
+def test_an_unknown_strategy_is_refused_naming_the_field() -> None:
     with pytest.raises(ValidationError) as info:
-        JobSpec.model_validate(spec(resources={"strategy": "fsdp"}, lora={"r": 4}))
+        JobSpec.model_validate(spec(resources={"strategy": "zero3"}))
     [line] = error_lines(info.value)
-    assert "resources.strategy fsdp" in line and "lora" in line
-
-
-def test_fsdp_alone_and_lora_under_ddp_are_accepted() -> None:
-    assert JobSpec.model_validate(spec(resources={"strategy": "fsdp"})).resources.strategy == "fsdp"
-    assert JobSpec.model_validate(spec(lora={"r": 4})).resources.strategy == "ddp"
+    assert line.startswith("resources.strategy")
