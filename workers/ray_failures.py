@@ -16,6 +16,11 @@ OOM_TYPE_NAME = "OutOfMemoryError"
 OOM_WORDS = ("low on memory", "memory monitor", "OutOfMemory", "out of memory")
 """How Ray words the death of a process its memory monitor killed (an ActorDiedError carries only text)."""
 MESSAGE_LIMIT = 500
+PROCESS_LOSSES = ("worker_lost", "out_of_memory", "node_lost")
+PEER_LOST_TYPES = ("DistNetworkError",)
+"""torch.distributed's error when a collective's peer went away (by name: the driver imports no torch)."""
+PEER_LOST_WORDS = ("Connection closed by peer", "Connection reset by peer")
+"""How gloo words a collective whose peer process died."""
 WRAPPED_BY = ("cause", "health_check_failure", TRAIN_USER_ERROR_ATTR)
 """Where Ray keeps the exception it wraps: RayTaskError.cause, Ray Train's WorkerHealthCheckFailedError
 (a lost worker process) and UserExceptionWithTraceback (the loop's own error; a private name, kept in
@@ -26,7 +31,8 @@ def failure_from_ray(exc: BaseException, *, retries: int = 0) -> JobFailure:
     """The JobFailure that an exception out of Ray (a failed `fit()`, a lost task) stands for.
 
     A JobFailure raised in a worker comes back as itself (from any rank); Ray Train's worker-group
-    error is explained by its lowest failing rank; a controller error by its cause.
+    error is explained by its lowest rank whose process was lost, else its lowest failing rank;
+    a controller error by its cause.
     """
     exc = _cause(exc)
     if isinstance(exc, JobFailure):
@@ -36,8 +42,16 @@ def failure_from_ray(exc: BaseException, *, retries: int = 0) -> JobFailure:
         if isinstance(_cause(err), JobFailure):
             return _cause(err)  # type: ignore[return-value]
     if worker_failures:
-        rank = min(worker_failures)
-        return _classify(_cause(worker_failures[rank]), f"worker rank {rank}", retries)
+        causes = {rank: _cause(err) for rank, err in worker_failures.items()}
+
+        def explains(rank: int) -> tuple[int, int]:
+            """A lost process first, then any other error, last a collective that only lost its peer."""
+            if _peer_lost(causes[rank]):
+                return 2, rank
+            return (0 if _classify(causes[rank], "", retries).code in PROCESS_LOSSES else 1), rank
+
+        rank = min(causes, key=explains)
+        return _classify(causes[rank], f"worker rank {rank}", retries)
     controller_failure = getattr(exc, "controller_failure", None)
     if isinstance(controller_failure, BaseException):
         return _classify(_cause(controller_failure), "the Train controller", retries)
@@ -55,9 +69,17 @@ def _classify(exc: BaseException, who: str, retries: int) -> JobFailure:
         exc, ray_errors.RayActorError | ray_errors.WorkerCrashedError | ray_errors.LocalRayletDiedError
     ):
         return JobFailure("worker_lost", f"{who} was lost{after}: {text}"[:MESSAGE_LIMIT], retryable=True)
+    if _peer_lost(exc):
+        message = f"{who} failed because another rank was lost{after}: {text}"
+        return JobFailure("worker_lost", message[:MESSAGE_LIMIT], retryable=True)
     if isinstance(exc, ray_errors.RayError):
         return JobFailure("ray_error", f"{who} failed in Ray{after}: {text}"[:MESSAGE_LIMIT], retryable=True)
     return JobFailure("worker_error", f"{who} failed{after}: {text}"[:MESSAGE_LIMIT])
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """A collective that failed because another rank's process went away."""
+    return type(exc).__name__ in PEER_LOST_TYPES or any(w in str(exc) for w in PEER_LOST_WORDS)
 
 
 def _cause(exc: BaseException) -> BaseException:

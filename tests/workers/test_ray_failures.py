@@ -70,6 +70,20 @@ def test_ray_errors_of_a_worker_get_a_code_of_their_own(error: BaseException, co
     assert pickle.loads(pickle.dumps(failure)) == failure
 
 
+def test_a_killed_rank_explains_its_peers_collective_errors() -> None:
+    """Rank 1's process is killed; rank 0's next gloo collective fails too. The job lost a worker, whichever
+    rank's error Ray collected first; a rank that raised its own error explains its peers' failed collectives."""
+    peer = _user_error(
+        RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
+    )
+    both = failure_from_ray(WorkerGroupError("failed", {0: peer, 1: _worker_died()}))
+    assert both.code == "worker_lost" and both.message.startswith("worker rank 1 was lost"), both
+    alone = failure_from_ray(WorkerGroupError("failed", {0: peer}))
+    assert alone.code == "worker_lost" and "another rank was lost" in alone.message, alone
+    crashed = failure_from_ray(WorkerGroupError("failed", {0: peer, 2: _user_error(ValueError("bad"))}))
+    assert crashed.code == "worker_error" and crashed.message.startswith("worker rank 2 failed"), crashed
+
+
 def test_a_lost_fit_task_and_a_controller_error_are_mapped_too() -> None:
     lost = failure_from_ray(ray_errors.WorkerCrashedError())
     assert lost.code == "worker_lost" and lost.retryable and lost.message.startswith("the run was lost")

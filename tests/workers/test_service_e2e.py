@@ -186,7 +186,7 @@ def test_a_bad_dataset_and_a_killed_worker_reach_the_api_as_code_and_message(
     os.kill(max(ranks), signal.SIGKILL)
     job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL, timeout=120)
     assert job["status"] == "failed" and set(job["error"]) == {"code", "message"}, job
-    assert job["error"]["code"] == "worker_lost" and "was lost" in job["error"]["message"]
+    assert job["error"]["code"] == "worker_lost" and "was lost" in job["error"]["message"], job
     assert "Traceback" not in job["error"]["message"]
 
 
