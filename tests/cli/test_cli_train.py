@@ -85,7 +85,9 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 def test_a_chained_model_says_it_needs_the_service(tmp_path):
     spec = tmp_path / "job.yaml"
-    spec.write_text(f"name: chained\nmodel: {{from_job: job_01JABCDEFGHJKMNPQRSTVWXYZ0}}\ndataset: {{train: {HH_FILE}}}\n")
+    spec.write_text(
+        f"name: chained\nmodel: {{from_job: job_01JABCDEFGHJKMNPQRSTVWXYZ0}}\ndataset: {{train: {HH_FILE}}}\n"
+    )
     result = runner.invoke(app, ["train", str(spec)])
     assert result.exit_code == 2
     assert "model.from_job (job_01JABCDEFGHJKMNPQRSTVWXYZ0) names a job of the service" in result.output
