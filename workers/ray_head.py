@@ -10,12 +10,14 @@ makes Ray stop every process it started.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -120,6 +122,18 @@ def local_head_environment(preload: bool) -> dict[str, str]:
     return env
 
 
+def head_temp_root(state_file: Path) -> Path:
+    """The RAY_TMPDIR our local head runs under: its own per state file, unless the operator set one.
+
+    Ray finds "the" cluster of a host through `<RAY_TMPDIR>/ray/ray_current_cluster`, which its job
+    supervisor reads to give each job's driver its address: two local heads sharing the default /tmp would
+    send each other's jobs to the head that started last. Short, since Ray's Unix sockets live below it."""
+    if os.environ.get("RAY_TMPDIR"):
+        return Path(os.environ["RAY_TMPDIR"])
+    digest = hashlib.sha256(str(state_file.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"minordpo-ray-{digest}"
+
+
 def ensure_auth_token(folder: Path) -> None:
     """Give the local head a token when the operator set none: `<folder>/ray-auth-token` (0600), via RAY_AUTH_TOKEN_PATH.
 
@@ -176,7 +190,9 @@ def start_local_head(
     deadline = time.monotonic() + timeout_s
     for attempt in range(1, attempts + 1):
         printed_before = log_path.stat().st_size if log_path.exists() else 0
-        head, proc = _spawn_head(cpus, preload, log_path, ports if attempt == 1 else None)
+        head, proc = _spawn_head(
+            cpus, preload, log_path, head_temp_root(state_file), ports if attempt == 1 else None
+        )
         while proc.poll() is None:
             if jobs_api_reachable(head.dashboard_url):
                 head = head.owned_here()
@@ -202,9 +218,10 @@ def start_local_head(
 
 
 def _spawn_head(
-    cpus: int, preload: bool, log_path: Path, ports: dict[str, int] | None = None
+    cpus: int, preload: bool, log_path: Path, temp_root: Path, ports: dict[str, int] | None = None
 ) -> tuple[LocalHead, subprocess.Popen[bytes]]:
-    """Launch `ray start --head --block` on `ports` (default: fresh ones), its output appended to `log_path`."""
+    """Launch `ray start --head --block` on `ports` (default: fresh ones) under RAY_TMPDIR `temp_root`, its
+    output appended to `log_path`."""
     if ports is None or set(ports) != set(HEAD_LISTENERS):
         ports = dict(zip(HEAD_LISTENERS, listen_ports(len(HEAD_LISTENERS)), strict=True))
     head_id = secrets.token_hex(8)
@@ -219,7 +236,7 @@ def _spawn_head(
             cmd,
             stdout=output,
             stderr=subprocess.STDOUT,
-            env={**local_head_environment(preload), HEAD_MARKER: head_id},
+            env={**local_head_environment(preload), HEAD_MARKER: head_id, "RAY_TMPDIR": str(temp_root)},
             start_new_session=True,
         )
     head = LocalHead(

@@ -32,7 +32,7 @@ def no_new_head(monkeypatch: pytest.MonkeyPatch) -> list[dict | None]:
     """`ray start` replaced by a recorder of the ports it was asked for; Ray's token left as it is."""
     asked: list[dict | None] = []
 
-    def spawn(cpus: int, preload: bool, log_path: Path, ports: dict | None = None) -> None:
+    def spawn(cpus: int, preload: bool, log_path: Path, temp_root: Path, ports: dict | None = None) -> None:
         asked.append(ports)
         raise Spawned
 

@@ -138,12 +138,30 @@ def test_a_head_start_that_fails_is_retried_on_new_ports_and_the_error_quotes_ra
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.usefixtures("own_ray_token")
+def test_each_local_head_has_its_own_ray_temp_root_unless_the_operator_set_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    first, second = (ray_head.head_temp_root(tmp_path / name / "ray-head.json") for name in ("a", "b"))
+    assert first != second
+    assert first == ray_head.head_temp_root(tmp_path / "a" / "ray-head.json")  # a restart finds the same one
+    assert (
+        len(str(first / "ray" / "session_2026-12-07_04-35-40_123456_12345" / "sockets" / "plasma_store"))
+        < 107
+    )
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "operator"))
+    assert ray_head.head_temp_root(tmp_path / "a" / "ray-head.json") == tmp_path / "operator"
+
+
 def test_the_cluster_size_reads_the_same_on_the_tested_rays_path_and_the_public_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = tmp_path / "ray-head.json"
     head = start_local_head(state, num_cpus=1, preload=False)
     try:
+        # the head tells its job supervisor its own address, not that of whichever head started last
+        address_file = ray_head.head_temp_root(state) / "ray" / "ray_current_cluster"
+        assert address_file.read_text().strip() == head.gcs_address
         jobs = RayJobs(head.dashboard_url)
         deadline = time.monotonic() + 30
         while True:  # the node registers its resources shortly after the Jobs API answers
