@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -147,9 +147,9 @@ def seed(url: str, n_jobs: int, n_points: int) -> tuple[list[str], str]:
 
 @contextmanager
 def server(
-    url: str, tmp: Path, log_path: Path, api_workers: int = 1
+    url: str, tmp: Path, log_path: Path, api_workers: int = 1, tree: Path = REPO
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `minordpo serve` (uvicorn, no dispatcher, `api_workers` processes) on a free port; stopped on exit."""
+    """`minordpo serve` of the source `tree` on a free port (no dispatcher); stopped on exit."""
     port = listen_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
     env |= {
@@ -160,7 +160,7 @@ def server(
         "MINORDPO_EMBEDDED_DISPATCHER": "false",
         "MINORDPO_LOG_LEVEL": "WARNING",
         "MINORDPO_API_WORKERS": str(api_workers),
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(tree),
     }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -278,7 +278,9 @@ def profile(pid: int, seconds: int, dest: Path) -> subprocess.Popen[bytes] | Non
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def run_backend(backend: str, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+def run_backend(
+    backend: str, args: argparse.Namespace, stamp: str, tree: Path = REPO, seeder: Callable[..., Any] = seed
+) -> dict[str, Any]:
     result: dict[str, Any] = {"backend": backend, "load_before": loadavg()}
     with (
         tempfile.TemporaryDirectory(prefix="minordpo-bench-") as tmp_dir,
@@ -286,14 +288,14 @@ def run_backend(backend: str, args: argparse.Namespace, stamp: str) -> dict[str,
     ):
         tmp = Path(tmp_dir)
         t0 = time.perf_counter()
-        ids, series_job = seed(url, args.jobs, args.points)
+        ids, series_job = seeder(url, args.jobs, args.points)
         result["seed_s"] = round(time.perf_counter() - t0, 1)
         print(
             f"[{backend}] seeded {len(ids)} jobs + {args.points} metric rows in {result['seed_s']} s",
             flush=True,
         )
         log_path = OUT / f"api-server-{backend}-{stamp}.log"
-        with server(url, tmp, log_path, args.api_workers) as (base, proc):
+        with server(url, tmp, log_path, args.api_workers, tree) as (base, proc):
             get_paths = [f"/v1/jobs/{i}" for i in ids]
             list_paths = ["/v1/jobs?limit=50"]
             series_paths = [f"/v1/jobs/{series_job}/metrics?max_points=500"]
@@ -324,10 +326,8 @@ def run_backend(backend: str, args: argparse.Namespace, stamp: str) -> dict[str,
                     spy.wait(args.profile + 30)
                     spy = None
                 result[name] = stats
-                print(
-                    f"[{backend}] {name}: {json.dumps({k: round(v, 2) for k, v in stats.items()})}",
-                    flush=True,
-                )
+                rounded = {k: round(v, 2) for k, v in stats.items()}
+                print(f"[{backend}] {name}: {json.dumps(rounded)}", flush=True)
     result["load_after"] = loadavg()
     return result
 
@@ -356,8 +356,9 @@ def report(results: list[dict[str, Any]]) -> None:
         print(f"{r['backend']} load average before/after: {r['load_before']} / {r['load_after']}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The options of this benchmark (bench/api_compare.py adds its own)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--points", type=int, default=100_000)
@@ -372,19 +373,23 @@ def main() -> None:
         help="wrk (C, Debian package `wrk`) leaves the server the CPU; httpx runs in this Python process",
     )
     parser.add_argument("--seconds", type=int, default=10, help="per phase, with wrk")
-    parser.add_argument(
-        "--api-workers",
-        type=int,
-        default=1,
-        help="MINORDPO_API_WORKERS of the server (processes on one socket)",
-    )
-    args = parser.parse_args()
+    parser.add_argument("--api-workers", type=int, default=1, help="MINORDPO_API_WORKERS: server processes")
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> str:
+    """Pick the load generator, unwind on SIGTERM, make bench/out; the run's time stamp."""
     if args.load_generator == "auto":
         args.load_generator = "wrk" if shutil.which("wrk") else "httpx"
     print(f"load generator: {args.load_generator}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server, drop the database
     OUT.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    stamp = prepare(args)
     results = [run_backend(b.strip(), args, stamp) for b in args.backends.split(",") if b.strip()]
     report(results)
     dest = OUT / f"api-results-{stamp}.json"

@@ -171,6 +171,15 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2, help="pairs per rank per step")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--chunk", type=int, default=None, help="training.logps_chunk_size (default: the spec's default)"
+    )
+    parser.add_argument(
+        "--checkpointing",
+        choices=("both", "yes", "no"),
+        default="both",
+        help="run without and/or with training.gradient_checkpointing",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, max_length 64, batch 1, 1 step")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument(
@@ -202,6 +211,7 @@ def main() -> None:
         "max_length": args.max_length,
         "batch_per_rank": args.batch,
         "steps": args.steps,
+        "logps_chunk_size": args.chunk,
         "rows": rows,
     }
     # fresh processes: glibc reads the mmap threshold at start-up, so RSS follows live tensors
@@ -213,7 +223,8 @@ def main() -> None:
     print(
         "strategy ckpt  rank | start  setup peak  after setup  step peak  save peak  process peak (MiB) | last loss"
     )
-    for checkpointing in (False, True):
+    modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.checkpointing]
+    for checkpointing in modes:
         for strategy in ("ddp", "fsdp"):
             spec = {
                 "name": "memory-sharding",
@@ -229,6 +240,7 @@ def main() -> None:
                     "log_every": 1,
                     "precision": "fp32",
                     "gradient_checkpointing": checkpointing,
+                    **({"logps_chunk_size": args.chunk} if args.chunk else {}),
                 },
             }
             run_dir = work / f"{strategy}-{'ckpt' if checkpointing else 'nockpt'}"
@@ -245,7 +257,7 @@ def main() -> None:
                 )
             (OUT / f"{name}.json").write_text(json.dumps(report, indent=2))  # after each configuration
     ratios = {}
-    for checkpointing in (False, True):
+    for checkpointing in modes:
         for key in ("process_peak_mib", "steps_peak_mib"):
             peak = {
                 s: max(

@@ -70,5 +70,8 @@ class ConsoleReporter:
     def checkpoint(self, step: int, path: Path | None, values: dict[str, float]) -> None:
         self.console.print(f"[dim]checkpoint[/dim] step {step} -> {path}")
 
+    def generations(self, step: int, samples: list[dict[str, Any]]) -> None:
+        self.console.print(f"[dim]generations[/dim] step {step}: {len(samples)} greedy completions")
+
     def close(self) -> None:
         self.progress.stop()

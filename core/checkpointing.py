@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from core.models import is_peft
+from core.run_context import TrainingError
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -22,13 +23,39 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 @dataclass
 class LoopState:
-    """Where the loop is: optimizer steps done, next batch in the stream, counters."""
+    """Where the loop is: optimizer steps done, next batch in the stream, counters.
+
+    ``batch_in_epoch`` counts this rank's batches of ``batch_size`` pairs, one per rank and global step
+    of ``world_size * batch_size`` pairs (core.data.LengthGroupedBatches); None in older checkpoints.
+    """
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     num_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    world_size: int | None = None
+    batch_size: int | None = None
+
+
+def check_resume_position(loop: LoopState, world_size: int, batch_size: int) -> None:
+    """A checkpoint resumes on another number of ranks only with the same pairs per global step.
+
+    The batch plan cuts each epoch into the same global steps whenever ``world_size * batch_size``
+    is the same, so (epoch, batch in epoch) is then the same place in the data (only an epoch's last,
+    short step differs: more ranks split it evenly and leave out at most world_size - 1 pairs); with
+    another global batch the steps are other sets of pairs, and no position resumes the run exactly.
+    """
+    if loop.world_size is None or loop.batch_size is None:
+        return
+    if loop.world_size * loop.batch_size != world_size * batch_size:
+        raise TrainingError(
+            "resume_batch_mismatch",
+            f"the checkpoint at step {loop.step} was written with resources.num_workers {loop.world_size} "
+            f"and training.batch_size {loop.batch_size} ({loop.world_size * loop.batch_size} pairs per step); "
+            f"this run has num_workers {world_size} and batch_size {batch_size} ({world_size * batch_size}): "
+            "a resume needs the same pairs per step",
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -71,6 +98,11 @@ def save_checkpoint(
         },
         tmp / STATE_FILE,
     )
+    return publish_checkpoint(tmp, final, root, keep=keep)
+
+
+def publish_checkpoint(tmp: Path, final: Path, root: Path, *, keep: int) -> Path:
+    """Make a complete ``tmp`` folder the checkpoint ``final`` (one rename); keep the newest ``keep``."""
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(root)[:-keep]:
@@ -79,80 +111,7 @@ def save_checkpoint(
 
 
 SHARDED_DIR = "sharded"
-
-
-def save_sharded_checkpoint(
-    root: Path,
-    scorer: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    loop: LoopState,
-    *,
-    rank: int,
-    keep: int,
-) -> Path | None:
-    """FSDP: every rank writes its shards of model + optimizer (torch.distributed.checkpoint) to
-    ``root/step-N/sharded``; rank 0 adds trainer_state.pt and publishes the folder. Every rank calls it;
-    rank 0 gets the path, the others None. ``root`` must be one folder that every rank sees. Under LoRA
-    the model part is the adapters only: the frozen base is the pretrained model, loaded again on resume."""
-    import torch.distributed as torch_dist
-    import torch.distributed.checkpoint as dcp
-
-    final = root / f"step-{loop.step:07d}"
-    tmp = root / f".tmp-step-{loop.step:07d}-sharded"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch_dist.barrier()
-    model_state, optim_state, _ = _sharded_state(scorer, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / SHARDED_DIR)
-    if rank != 0:  # dcp.save returns on rank 0 only after every rank has written its files
-        torch_dist.barrier()
-        return None
-    state = {
-        "scheduler": scheduler.state_dict(),
-        "loop": asdict(loop),
-        "rng": rng_state(),
-        "sharded": True,
-        "lora": is_peft(scorer.model),
-    }
-    torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    torch_dist.barrier()
-    return final
-
-
-def load_sharded_state(checkpoint: Path, scorer: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a sharded checkpoint's model and optimizer state into an already-sharded scorer (every rank)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    model_state, optim_state, options = _sharded_state(scorer, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=checkpoint / SHARDED_DIR)
-    keys = set_state_dict(
-        scorer, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
-    )
-    frozen = {name for name, p in scorer.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    if keys.unexpected_keys or set(keys.missing_keys) - frozen:
-        raise RuntimeError(f"sharded checkpoint {checkpoint} does not fit the model: {keys}")
-
-
-def _sharded_state(scorer: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, Any]:
-    """The model and optimizer state a sharded checkpoint holds, and the options to load it with: under
-    LoRA the trainable adapters only (the frozen base is not checkpointed, so not loaded either)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    lora = is_peft(scorer.model)
-    options = StateDictOptions(ignore_frozen_params=lora, strict=not lora)
-    model_state, optim_state = get_state_dict(scorer, optimizer, options=options)
-    if lora:  # the option keeps a tied head, a second name of the frozen embeddings
-        trainable = {n for n, p in scorer.named_parameters(remove_duplicate=False) if p.requires_grad}
-        model_state = {k: v for k, v in model_state.items() if k in trainable}
-    return model_state, optim_state, options
+"""The folder of a checkpoint that holds the FSDP shards (core.sharded_checkpoint)."""
 
 
 def is_sharded_checkpoint(checkpoint: Path) -> bool:

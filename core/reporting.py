@@ -1,5 +1,8 @@
 """How the training loop talks to the world: a small Reporter interface and its console/JSONL forms.
 
+Besides events, metrics and checkpoints, a run reports eval generations: at each eval step, a list of
+``{index, prompt, chosen, completion}`` samples (training.eval_generations, core.generations).
+
 The loop calls every hook on every rank with identical, already-reduced values; a reporter that
 should write once (console, files) is simply only given to rank 0. The database and Ray reporters
 live with the service and the workers, so the loop knows nothing of HTTP or Ray.
@@ -22,6 +25,8 @@ class Reporter(Protocol):
 
     def checkpoint(self, step: int, path: Path | None, values: dict[str, float]) -> None: ...
 
+    def generations(self, step: int, samples: list[dict[str, Any]]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -35,6 +40,9 @@ class NullReporter:
         pass
 
     def checkpoint(self, step: int, path: Path | None, values: dict[str, float]) -> None:
+        pass
+
+    def generations(self, step: int, samples: list[dict[str, Any]]) -> None:
         pass
 
     def close(self) -> None:
@@ -59,18 +67,23 @@ class MultiReporter(NullReporter):
         for r in self.reporters:
             r.checkpoint(step, path, values)
 
+    def generations(self, step: int, samples: list[dict[str, Any]]) -> None:
+        for r in self.reporters:
+            r.generations(step, samples)
+
     def close(self) -> None:
         for r in self.reporters:
             r.close()
 
 
 class JsonlReporter(NullReporter):
-    """Appends `metrics.jsonl` (one row per step) and `events.jsonl` under a run directory."""
+    """Appends `metrics.jsonl` (one row per step), `events.jsonl` and `generations.jsonl` under a run directory."""
 
     def __init__(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics: TextIO = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
         self._events: TextIO = (run_dir / "events.jsonl").open("a", encoding="utf-8")
+        self._generations_path = run_dir / "generations.jsonl"
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         row = {"time": time.time(), "kind": kind, "message": message, "data": data or {}}
@@ -83,6 +96,10 @@ class JsonlReporter(NullReporter):
 
     def checkpoint(self, step: int, path: Path | None, values: dict[str, float]) -> None:
         self.event("checkpoint", f"checkpoint at step {step}", {"step": step, "path": str(path)})
+
+    def generations(self, step: int, samples: list[dict[str, Any]]) -> None:
+        with self._generations_path.open("a", encoding="utf-8") as fh:  # created only by a run that has them
+            fh.write(json.dumps({"step": step, "time": time.time(), "samples": samples}) + "\n")
 
     def close(self) -> None:
         self._metrics.close()

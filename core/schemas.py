@@ -161,6 +161,23 @@ class CheckpointList(BaseModel):
     data: list[CheckpointOut]
 
 
+class GenerationSample(BaseModel):
+    """One eval prompt, its chosen answer and the model's greedy completion at that step."""
+
+    index: int
+    prompt: str
+    chosen: str
+    completion: str
+
+
+class JobGenerations(BaseModel):
+    """Eval generations of a job at one step (the latest unless asked), and every step that has them."""
+
+    steps: list[int] = Field(description="Eval steps with generations, ascending")
+    step: int | None = Field(description="The step of `data`; null while the job has none")
+    data: list[GenerationSample]
+
+
 class RowProblem(BaseModel):
     """A line of an uploaded file that cannot be used."""
 

@@ -226,6 +226,15 @@ class TrainingSpec(StrictModel):
     max_length: int = Field(512, ge=8, le=131072)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     eval_every: int | None = Field(None, ge=1, le=MAX_COUNT)
+    eval_generations: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="At each eval, greedy completions of the first N eval prompts, stored per step (0 = off)",
+    )
+    eval_generation_tokens: int = Field(
+        64, ge=1, le=512, description="Most new tokens of each eval generation"
+    )
     checkpoint_every: int | None = Field(None, ge=1, le=MAX_COUNT)
     keep_checkpoints: int = Field(2, ge=1, le=1000)
     log_every: int = Field(1, ge=1, le=MAX_COUNT)
@@ -428,6 +437,21 @@ class JobSpec(StrictModel):
             raise ValueError(
                 "training.precompute_ref_logps: an sft job has no reference model, precomputed or live; "
                 "leave the setting out"
+            )
+        return value
+
+    @field_validator("training")
+    @classmethod
+    def _generations_need_eval(cls, value: TrainingSpec, info: ValidationInfo) -> TrainingSpec:
+        dataset = info.data.get("dataset")  # validated before training (field order)
+        if (
+            value.eval_generations
+            and isinstance(dataset, DatasetSpec)
+            and not (dataset.eval or dataset.eval_fraction)
+        ):
+            raise ValueError(
+                "training.eval_generations: generations come from eval prompts; "
+                "give dataset.eval or dataset.eval_fraction"
             )
         return value
 

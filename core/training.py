@@ -2,9 +2,9 @@
 
 `Trainer.setup` loads data, model (sharded with FSDP2 under `resources.strategy: fsdp`), reference
 (none for an SFT job, core.sft), optimizer and schedule, and restores a checkpoint;
-`Trainer.train_loop` runs the optimizer steps, evaluation and checkpoints. Rank and world size come
-in from outside (`Distributed`); so do the DDP wrapper and the metric reduction. Metrics and events
-leave through a `Reporter`. Nothing here knows about HTTP or Ray.
+`Trainer.train_loop` runs the optimizer steps, evaluation (and eval generations, core.generations)
+and checkpoints. Rank and world size come in from outside (`Distributed`); so do the DDP wrapper and
+the metric reduction. Metrics and events leave through a `Reporter`. Nothing here knows about HTTP or Ray.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from torch import Tensor, nn
 
 from core.checkpointing import (
     LoopState,
+    check_resume_position,
     is_sharded_checkpoint,
     latest_checkpoint,
-    load_sharded_state,
     load_trainer_state,
     save_checkpoint,
-    save_sharded_checkpoint,
     set_rng_state,
 )
 from core.data import LengthGroupedBatches, PreparedData, prepare_data
+from core.generations import eval_generations
 from core.models import is_peft, load_model, load_tokenizer
 from core.optim import build_optimizer, build_scheduler
 from core.pair_loss import BatchLoss, PairLoss
@@ -44,6 +44,7 @@ from core.reporting import NullReporter, Reporter
 from core.run_context import Distributed, RunOptions, TrainingError, TrainResult
 from core.scoring import PairScorer, scorer_for
 from core.sft import SftLoss
+from core.sharded_checkpoint import ShardedSaver, load_full_optimizer_state, load_sharded_state
 from core.sharding import full_tensor, load_sharded_scorer, unsharded_copy
 from core.spec import JobSpec
 
@@ -105,6 +106,10 @@ class Trainer:
         # FSDP2 needs a process group; one process without one runs unsharded
         self.fsdp = spec.resources.strategy == "fsdp" and torch.distributed.is_initialized()
         self.dtype = compute_dtype(spec.training.precision, self.device)
+        saver = ShardedSaver(
+            self.checkpoint_root, self.reporter, self.dist, keep=spec.training.keep_checkpoints
+        )
+        self.sharded_saver = saver if self.fsdp else None
 
     def run(self) -> TrainResult:
         return self.train_loop(self.setup())
@@ -122,18 +127,18 @@ class Trainer:
         allow_tf32_for_fp32(self.dtype, self.device)
 
         checkpoint = self._resume_checkpoint()
+        moved = checkpoint is not None and not is_sharded_checkpoint(checkpoint)  # weights not pretrained
         if self.fsdp:
             # rank 0 reads the weights into CPU memory, each layer goes to the device as it is sharded;
             # the shards start from the pretrained weights and a sharded checkpoint is loaded into them below
             scorer = self._sharded_scorer(lambda: self._load_policy(checkpoint, CPU), trainable=True)
-            moved = checkpoint is not None and not is_sharded_checkpoint(checkpoint)
             reference = self._build_reference(data, scorer.model, scorer, resumed=moved)
             train_scorer: nn.Module = scorer
         else:
             policy = self._load_policy(checkpoint)
             if t.gradient_checkpointing:
                 enable_checkpointing(policy)
-            reference = self._build_reference(data, policy, None, resumed=checkpoint is not None)
+            reference = self._build_reference(data, policy, None, resumed=moved)
             scorer = scorer_for(policy, t, self.device)
             scorer.train()
             train_scorer = dist.wrap_model(scorer) if dist.wrap_model else scorer
@@ -148,6 +153,7 @@ class Trainer:
         total_steps = t.max_steps or t.epochs * math.ceil(plan.num_batches() / t.grad_accum_steps)
         scheduler = build_scheduler(optimizer, t, total_steps)
         loop = self._restore(checkpoint, scorer, optimizer, scheduler) if checkpoint else LoopState()
+        loop.world_size, loop.batch_size = dist.world_size, t.batch_size
         precision: Literal["bf16", "fp32"] = "bf16" if self.dtype == torch.bfloat16 else "fp32"
         return RunSetup(
             tokenizer,
@@ -229,8 +235,11 @@ class Trainer:
 
     def _restore(self, checkpoint: Path, scorer: PairScorer, optimizer: Any, scheduler: Any) -> LoopState:
         state = load_trainer_state(checkpoint)
-        if state.get("sharded"):
+        check_resume_position(state["loop"], self.dist.world_size, self.spec.training.batch_size)
+        if state.get("sharded"):  # onto any world size, sharded or not
             load_sharded_state(checkpoint, scorer, optimizer)
+        elif self.fsdp:  # a DDP checkpoint: its full optimizer state, sliced for each rank
+            load_full_optimizer_state(scorer, optimizer, state["optimizer"])
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -264,20 +273,22 @@ class Trainer:
                 status = "cancelled"
                 break
             metrics = self._step(s, stream)
+            if self.sharded_saver is not None:
+                self.sharded_saver.poll()  # a checkpoint is published once written; the step never waits
             if loop.step % t.log_every == 0 or loop.step == s.total_steps:
                 self.reporter.metrics(loop.step, metrics)
             if t.eval_every and s.data.eval and loop.step % t.eval_every == 0:
-                eval_metrics = self.evaluate(s)
-                self.reporter.metrics(loop.step, eval_metrics)
+                eval_metrics = self._eval_and_report(s)
             if t.checkpoint_every and loop.step % t.checkpoint_every == 0 and loop.step < s.total_steps:
                 self._checkpoint(s, metrics)
 
         if s.data.eval and status == "completed" and not (t.eval_every and loop.step % t.eval_every == 0):
-            eval_metrics = self.evaluate(s)
-            self.reporter.metrics(loop.step, eval_metrics)
-        final_dir = self._save_final(s.scorer, s.tokenizer) if status == "completed" else None
+            eval_metrics = self._eval_and_report(s)
         if status == "cancelled":
             self._checkpoint(s, metrics)
+        if self.sharded_saver is not None:  # the last checkpoint is durable and reported before the end
+            self.sharded_saver.close()
+        final_dir = self._save_final(s.scorer, s.tokenizer) if status == "completed" else None
         self.reporter.event(status, f"training {status} at step {loop.step}", {"step": loop.step})
         return TrainResult(status, loop.step, s.total_steps, metrics, eval_metrics, final_dir, s.data.report)
 
@@ -353,17 +364,23 @@ class Trainer:
             all_reduce_sum=self.dist.all_reduce_sum,
         )
 
+    def _eval_and_report(self, s: RunSetup) -> dict[str, float]:
+        """Eval metrics, then (training.eval_generations) greedy completions of the first eval prompts."""
+        values = self.evaluate(s)
+        self.reporter.metrics(s.loop.step, values)
+        if self.spec.training.eval_generations:
+            samples = eval_generations(s.scorer, s.tokenizer, s.data.eval, self.spec.training, self.device)
+            self.reporter.generations(s.loop.step, samples)
+        return values
+
     def _checkpoint(self, s: RunSetup, metrics: dict[str, float]) -> None:
-        path = None
         keep, loop = self.spec.training.keep_checkpoints, s.loop
-        if self.fsdp:
-            path = save_sharded_checkpoint(
-                self.checkpoint_root, s.scorer, s.optimizer, s.scheduler, loop, rank=self.dist.rank, keep=keep
-            )
-        elif self.dist.rank == 0:
-            path = save_checkpoint(
-                self.checkpoint_root, s.scorer.model, s.optimizer, s.scheduler, loop, keep=keep
-            )
+        if self.sharded_saver is not None:  # written in the background, reported once durable
+            self.sharded_saver.start(s.scorer, s.optimizer, s.scheduler, loop, metrics)
+            return
+        root, path = self.checkpoint_root, None
+        if self.dist.rank == 0:
+            path = save_checkpoint(root, s.scorer.model, s.optimizer, s.scheduler, loop, keep=keep)
         self.reporter.checkpoint(loop.step, path, metrics)
 
     def _save_final(self, scorer: PairScorer, tokenizer: Any) -> Path | None:

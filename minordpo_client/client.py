@@ -21,6 +21,7 @@ from core.schemas import (
     DatasetOut,
     EventOut,
     EventPage,
+    JobGenerations,
     JobOut,
     JobPage,
     MetricSeries,
@@ -222,6 +223,10 @@ class Client:
 
     def checkpoints(self, job_id: str) -> CheckpointList:
         return CheckpointList.model_validate(self._get(f"/v1/jobs/{job_id}/checkpoints"))
+
+    def generations(self, job_id: str, *, step: int | None = None) -> JobGenerations:
+        """Eval generations at `step` (default: the latest eval step that has them) and every such step."""
+        return JobGenerations.model_validate(self._get(f"/v1/jobs/{job_id}/generations", step=step))
 
     def list_events(self, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:
         """Stored events after seq `after`, oldest first (no waiting; `events()` follows live)."""

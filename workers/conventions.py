@@ -6,7 +6,6 @@ import another for a constant (import-linter keeps `workers/` free of cycles).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 RUN_MARKER = "MINORDPO_RUN"
@@ -18,17 +17,6 @@ TRAIN_WORKER_VAR = "MINORDPO_TRAIN_WORKER"
 TRAIN_WORKER_MARKER = {TRAIN_WORKER_VAR: "1"}
 """Set on Train worker processes (RunConfig.worker_runtime_env): workers.preload imports the whole
 training stack only where this is set."""
-
-
-@dataclass(frozen=True)
-class JobPolicy:
-    """What the operator's settings decide for every run, carried from the driver to each Train worker.
-
-    ``data_limits`` holds core.data.limits.DataLimits' fields (plain ints, so this module stays a leaf).
-    """
-
-    allow_remote_code: bool = False
-    data_limits: dict[str, int] = field(default_factory=dict)
 
 
 def job_output_dir(artifacts_dir: Path, job_id: str) -> Path:

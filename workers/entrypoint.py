@@ -1,7 +1,9 @@
 """The driver of one training job on the cluster: `python -m workers.entrypoint JOB_ID --env-file F`, run by Ray Jobs.
 
-It reads the job from the database, runs it with Ray Train (workers.job_run; the driver imports no
-torch), and is the single writer of the job's metric points, events, checkpoints and final status.
+It reads the job from the database, validates its spec (the one validation on the way to the Train
+workers: the spec travels on inside a LaunchRecord, workers/launch_record.py), runs it with Ray Train
+(workers.job_run; the driver imports no torch), and is the single writer of the job's metric points,
+events, checkpoints and final status.
 Metric rows are written as they arrive (idempotently: a step re-reported after a worker-group restart
 is not stored twice). A cancel requested in the database is passed to the run as a cooperative stop
 (through the job's channel, workers.job_run). Every way the run ends is recorded as one RunOutcome, a
@@ -10,7 +12,6 @@ failure as one JobFailure: the job's `error` in the store and the API.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -26,13 +27,14 @@ from core.spec import JobSpec
 from core.store import (
     Database,
     add_checkpoint,
+    add_generations,
     append_event,
     append_metrics,
     get_job,
     transition,
     update_progress,
 )
-from workers.conventions import JobPolicy
+from workers.launch_record import LaunchRecord
 
 log = logging.getLogger("workers.entrypoint")
 CANCEL_POLL_S = 1.0
@@ -76,6 +78,10 @@ class JobWriter:
     def checkpoint(self, step: int, path: str, values: dict[str, float]) -> None:
         with self.db.write() as s:
             add_checkpoint(s, self.job_id, step, path, values)
+
+    def generations(self, step: int, samples: list[dict[str, Any]]) -> None:
+        with self.db.write() as s:
+            add_generations(s, self.job_id, step, samples)
 
 
 def _watch_cancel(db: Database, job_id: str, cancel: threading.Event, done: threading.Event) -> None:
@@ -127,13 +133,11 @@ def run(job_id: str) -> int:
     watcher.start()
     try:
         outcome = run_job(
-            job_id,
-            spec,
-            artifacts_dir=settings.artifacts_dir,
+            LaunchRecord.from_settings(job_id, spec, settings),
             on_metrics=writer.metrics,
             on_event=writer.event,
             on_checkpoint=writer.checkpoint,
-            policy=JobPolicy(settings.allow_remote_code, dataclasses.asdict(settings.data_limits())),
+            on_generations=writer.generations,
             cancel=cancel,
         )
     except Exception as exc:  # noqa: BLE001 - record every failure as the job's error

@@ -1,7 +1,8 @@
 """Drives one job's Ray Train run from its driver, which imports Ray and nothing heavier.
 
 `run_job` starts `fit()` as a Ray task (workers.ray_job.fit_outcome, on a warm process that has torch
-and Ray Train imported; see workers/warm_pool.py) and drains the job's channel on the calling thread
+and Ray Train imported; see workers/warm_pool.py), handing it the job's LaunchRecord as one object
+(workers/launch_record.py), and drains the job's channel on the calling thread
 while it runs, so the `on_*` callables run here, in order, one at a time: the driver writes them to
 the database as the single writer. Rows replayed after a worker-group restart are not forwarded twice.
 A cancel asked of the driver goes to the run through the same channel (rank 0 asks it between steps).
@@ -12,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import ray
 
-from core.spec import JobSpec
-from workers.conventions import RUN_ENV, JobPolicy
+from workers.conventions import RUN_ENV
 from workers.job_channel import JobChannel
+from workers.launch_record import LaunchRecord
 from workers.ray_failures import failure_from_ray
 from workers.run_outcome import RunOutcome
 
@@ -34,6 +34,7 @@ since rank 0 sends events straight to the channel while its last checkpoint arri
 OnMetrics = Callable[[int, dict[str, float]], None]
 OnEvent = Callable[[str, str, dict[str, Any]], None]
 OnCheckpoint = Callable[[int, str, dict[str, float]], None]
+OnGenerations = Callable[[int, list[dict[str, Any]]], None]
 
 
 class _Forwarder:
@@ -46,8 +47,10 @@ class _Forwarder:
         on_event: OnEvent,
         on_checkpoint: OnCheckpoint,
         skip_through_step: int = 0,
+        on_generations: OnGenerations | None = None,
     ) -> None:
         self.on_metrics, self.on_event, self.on_checkpoint = on_metrics, on_event, on_checkpoint
+        self.on_generations = on_generations
         self.last_step: dict[str, int] = {"train": skip_through_step, "eval": skip_through_step}
         self.last_checkpoint_step = skip_through_step - 1
         self.latest_checkpoint: str | None = None
@@ -61,6 +64,10 @@ class _Forwarder:
             return
         if kind == "event":
             self.on_event(item["kind"], item["message"], item.get("data") or {})
+            return
+        if kind == "generations":  # a step sent again after a restart: the store keeps the first
+            if self.on_generations is not None:
+                self.on_generations(int(item["step"]), item.get("samples") or [])
             return
         step, values = int(item["step"]), item.get("values") or {}
         self.max_step = max(self.max_step, step)
@@ -81,41 +88,38 @@ class _Forwarder:
             self.on_event(item["kind"], item["message"], item.get("data") or {})
 
 
-def _fit(job_id: str, spec_json: str, artifacts_dir: str, channel: Any, policy: JobPolicy) -> RunOutcome:
+def _fit(launch: LaunchRecord, channel: Any) -> RunOutcome:
     """The task body: imports the heavy module in the task's (warm) process, not in the driver."""
     from workers.ray_job import fit_outcome
 
-    spec = JobSpec.model_validate_json(spec_json)
-    return fit_outcome(job_id, spec, artifacts_dir=Path(artifacts_dir), channel=channel, policy=policy)
+    return fit_outcome(launch, channel)
 
 
 def run_job(
-    job_id: str,
-    spec: JobSpec,
+    launch: LaunchRecord,
     *,
-    artifacts_dir: Path,
     on_metrics: OnMetrics,
     on_event: OnEvent,
     on_checkpoint: OnCheckpoint,
-    policy: JobPolicy | None = None,
     skip_through_step: int = 0,
     cancel: threading.Event | None = None,
+    on_generations: OnGenerations | None = None,
 ) -> RunOutcome:
     """Run one job to its end on the connected Ray cluster; blocks, calling on_* on this thread as rows arrive.
 
     Resumes from the latest checkpoint of an earlier run with the same job_id and artifacts_dir (a
-    restarted driver). Ray restarts a lost worker group up to `spec.resources.max_retries` times from the
+    restarted driver). Ray restarts a lost worker group up to `resources.max_retries` times from the
     last checkpoint; rows replayed after such a restart are not forwarded twice. A restarted driver can
     pass `skip_through_step` (the last step its store already holds) to drop rows replayed across drivers.
     Setting `cancel` (from any thread) asks the run to stop at its next step; it then ends cancelled.
     Never raises for the run's own failures, a lost fit task included: they are a failed outcome.
     """
     channel = JobChannel.remote()
-    forward = _Forwarder(on_metrics, on_event, on_checkpoint, skip_through_step)
+    forward = _Forwarder(on_metrics, on_event, on_checkpoint, skip_through_step, on_generations)
     fit = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": RUN_ENV})(_fit)
     cancel_sent = False
     try:
-        done = fit.remote(job_id, spec.model_dump_json(), str(artifacts_dir), channel, policy or JobPolicy())
+        done = fit.remote(launch, channel)
         while True:
             if cancel is not None and cancel.is_set() and not cancel_sent:
                 channel.request_cancel.remote()

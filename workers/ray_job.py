@@ -9,7 +9,6 @@ pushes events there too; the driver drains the channel.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -18,9 +17,9 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from core.failures import JobFailure
-from core.spec import JobSpec
 from workers import ray_compat
-from workers.conventions import TRAIN_WORKER_MARKER, JobPolicy, job_output_dir
+from workers.conventions import TRAIN_WORKER_MARKER
+from workers.launch_record import LaunchRecord
 from workers.ray_failures import failure_from_ray, short_error
 from workers.run_outcome import RunOutcome
 from workers.train_worker import train_loop_per_worker
@@ -87,23 +86,16 @@ class JobTrainer(TorchTrainer):
         return callbacks if self.datasets else ray_compat.without_datasets_callback(callbacks)
 
 
-def build_trainer(
-    job_id: str, spec: JobSpec, *, artifacts_dir: Path, channel: Any, policy: JobPolicy | None = None
-) -> JobTrainer:
-    """The TorchTrainer for one job; the same (job_id, artifacts_dir) resumes the same Ray run."""
-    res = spec.resources
-    output_dir = job_output_dir(artifacts_dir, job_id)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "spec": spec.model_dump_json(),
-        "output_dir": str(output_dir),
-        "cache_dir": str(artifacts_dir / "cache"),
-        "policy": policy or JobPolicy(),
-        "channel": channel,
-    }
+def build_trainer(launch: LaunchRecord, channel: Any) -> JobTrainer:
+    """The TorchTrainer for one job; the same (job_id, artifacts_dir) resumes the same Ray run.
+
+    Each Train worker gets the launch record itself (`train_loop_config["launch"]`), not a copy as text.
+    """
+    res = launch.spec.resources
+    launch.output_dir.mkdir(parents=True, exist_ok=True)
     return JobTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config={"launch": launch, "channel": channel},
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.use_gpu,
@@ -113,9 +105,9 @@ def build_trainer(
         ),
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=job_id,
-            storage_path=str((artifacts_dir / "ray").resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
+            name=launch.job_id,
+            storage_path=str(launch.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=launch.spec.training.keep_checkpoints),
             failure_config=FailureConfig(max_failures=res.max_retries),
             callbacks=[ForwardingCallback(channel)],
             # marks the worker processes, so a warm one imports the training stack (workers/warm_pool.py)
@@ -124,15 +116,13 @@ def build_trainer(
     )
 
 
-def fit_outcome(
-    job_id: str, spec: JobSpec, *, artifacts_dir: Path, channel: Any, policy: JobPolicy | None = None
-) -> RunOutcome:
+def fit_outcome(launch: LaunchRecord, channel: Any) -> RunOutcome:
     """Run the job's Ray Train run to its end in this process and say how it ended (never raises).
 
     Runs as a Ray task on a warm process (workers/job_run.py), so the driver never imports torch. A
     failure is the one rank 0 recorded in the channel, else Ray's error as workers.ray_failures maps it.
     """
-    trainer = build_trainer(job_id, spec, artifacts_dir=artifacts_dir, channel=channel, policy=policy)
+    trainer = build_trainer(launch, channel)
     try:
         result = trainer.fit()
         error = getattr(result, "error", None)
@@ -140,7 +130,7 @@ def fit_outcome(
         result, error = None, exc
     if error is not None:
         fatal = ray.get(channel.get_fatal.remote())
-        return RunOutcome.failed(fatal or failure_from_ray(error, retries=spec.resources.max_retries))
+        return RunOutcome.failed(fatal or failure_from_ray(error, retries=launch.spec.resources.max_retries))
     outcome = getattr(result, "return_value", None)
     if not isinstance(outcome, RunOutcome):
         return RunOutcome.failed(JobFailure("ray_error", "the run ended without saying how (no outcome)"))

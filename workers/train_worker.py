@@ -15,12 +15,10 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 from core.data import DatasetError
-from core.data.limits import DataLimits
 from core.failures import JobFailure
 from core.models import ModelLoadError
-from core.spec import JobSpec
 from core.training import Distributed, RunOptions, Trainer, TrainResult
-from workers.conventions import JobPolicy
+from workers.launch_record import LaunchRecord
 from workers.run_outcome import RunOutcome
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,8 @@ def _numeric(values: dict[str, Any]) -> dict[str, float]:
 
 class RayReporter:
     """Reporter for one rank: metric rows and checkpoints go through `ray.train.report` (a barrier, so
-    every rank reports at the same points), events go from rank 0 straight to the job channel.
+    every rank reports at the same points), events and eval generations go from rank 0 straight to the
+    job channel.
 
     Events cannot use `report()`: the loop emits some of them (``final_model``) on rank 0 only.
     """
@@ -65,13 +64,18 @@ class RayReporter:
         self.channel = channel
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self._put({"type": "event", "kind": kind, "message": message, "data": data or {}})
+
+    def generations(self, step: int, samples: list[dict[str, Any]]) -> None:
+        self._put({"type": "generations", "step": step, "samples": samples})
+
+    def _put(self, item: dict[str, Any]) -> None:
         if self.rank != 0 or self.channel is None:
             return
-        item = {"type": "event", "kind": kind, "message": message, "data": data or {}}
         try:  # synchronous so the driver's last drain after fit() sees it
             ray.get(self.channel.put.remote(item), timeout=30)
         except Exception as exc:  # noqa: BLE001 - a lost event must not kill training
-            log.warning("could not forward event %s: %s", kind, exc)
+            log.warning("could not forward %s %s: %s", item["type"], item.get("kind", ""), exc)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         ray.train.report({**_numeric(values), "step": step})
@@ -192,18 +196,18 @@ def _outcome(result: TrainResult) -> RunOutcome:
 def train_loop_per_worker(config: dict[str, Any]) -> RunOutcome:
     """Entry point given to `TorchTrainer`: one rank of one job.
 
-    config: ``spec`` (JobSpec JSON), ``output_dir``, ``cache_dir``, ``policy`` (a JobPolicy), ``channel``
-    (actor handle of the job channel, or None). Returns rank 0's RunOutcome (Ray keeps it as
-    ``Result.return_value``). A failure a retry cannot fix (`loop_failure`) is recorded in the channel
-    and raised as a JobFailure, so Ray tears the whole worker group down (no rank hangs in a
+    config: ``launch`` (the job's LaunchRecord, as the driver built it: its spec is not validated
+    again) and ``channel`` (actor handle of the job channel, or None). Returns rank 0's RunOutcome (Ray
+    keeps it as ``Result.return_value``). A failure a retry cannot fix (`loop_failure`) is recorded in
+    the channel and raised as a JobFailure, so Ray tears the whole worker group down (no rank hangs in a
     collective); if Ray retries, the new group sees the record and returns it instead of failing again.
     """
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    spec = JobSpec.model_validate_json(config["spec"])
-    output_dir = Path(config["output_dir"])
+    launch: LaunchRecord = config["launch"]
+    spec = launch.spec
     channel = config.get("channel")
 
     if channel is not None:
@@ -219,14 +223,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> RunOutcome:
         all_reduce_sum=collectives.all_reduce_sum if collectives.active else None,
         wrap_model=ray.train.torch.prepare_model,  # DDP; under fsdp the loop shards the model itself
     )
-    cache = config.get("cache_dir")
-    policy: JobPolicy = config.get("policy") or JobPolicy()
     options = RunOptions(
-        output_dir=output_dir,
-        cache_dir=Path(cache) if cache else None,
+        output_dir=launch.output_dir,
+        cache_dir=launch.cache_dir,
         device=device,
-        allow_remote_code=policy.allow_remote_code,
-        data_limits=DataLimits(**policy.data_limits),
+        allow_remote_code=launch.allow_remote_code,
+        data_limits=launch.data_limits,
         should_stop=make_should_stop(rank, channel, collectives),
     )
     reporter = RayReporter(rank, channel)

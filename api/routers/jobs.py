@@ -1,4 +1,4 @@
-"""Job routes: create, validate, list, get, cancel, metrics, checkpoints (logic in api.services.jobs)."""
+"""Job routes: create, validate, list, get, cancel, metrics, checkpoints, eval generations (logic in api.services)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,19 @@ from api.services import jobs as service
 from api.services.auth import Principal
 from api.services.chained_models import derived_jobs, source_model_lookup
 from api.services.estimates import cluster_history
+from api.services.generations import job_generations
 from api.services.hub_datasets import hub_dataset_lookup
 from api.services.specs import SpecLookups, check_spec
 from api.services.validation import validate_spec
-from core.schemas import CheckpointList, DerivedJobList, JobOut, JobPage, MetricSeries, ValidationOut
+from core.schemas import (
+    CheckpointList,
+    DerivedJobList,
+    JobGenerations,
+    JobOut,
+    JobPage,
+    MetricSeries,
+    ValidationOut,
+)
 from core.settings import Settings
 from core.spec import JobSpec
 from core.store import Database
@@ -167,3 +176,16 @@ def job_derived(job_id: JobId, db: DbDep, principal: PrincipalDep) -> DerivedJob
 def job_checkpoints(job_id: JobId, db: DbDep, principal: PrincipalDep) -> CheckpointList:
     """Saved checkpoints by step; the final model is a Hugging Face folder."""
     return service.checkpoints(db, principal, job_id)
+
+
+@router.get("/jobs/{job_id}/generations", response_model=JobGenerations, summary="Eval generations of a job")
+def job_generations_route(
+    job_id: JobId,
+    db: DbDep,
+    principal: PrincipalDep,
+    step: Annotated[
+        int | None, Query(ge=0, le=MAX_INT64, description="This eval step (default: the latest)")
+    ] = None,
+) -> JobGenerations:
+    """Greedy completions of the fixed eval prompts beside their chosen answers (`training.eval_generations`)."""
+    return job_generations(db, principal, job_id, step)

@@ -29,6 +29,7 @@ from core.store.dispatch import (
 )
 from core.store.errors import IdempotencyConflictError, InvalidCursorError, NotFoundError, StoreError
 from core.store.events import append_event, last_event_seq, list_events
+from core.store.generations import add_generations, generation_steps, get_generations
 from core.store.jobs import (
     JOB_VIEW_COLUMNS,
     TRANSITIONS,
@@ -56,6 +57,7 @@ from core.store.models import (
     Base,
     Checkpoint,
     Dataset,
+    EvalGeneration,
     IdempotencyKey,
     Job,
     JobEvent,
@@ -136,6 +138,10 @@ __all__ = [
     "SchemaOutOfDateError",
     "StoreError",
     "add_checkpoint",
+    "add_generations",
+    "EvalGeneration",
+    "generation_steps",
+    "get_generations",
     "append_event",
     "append_metrics",
     "cancel_job",

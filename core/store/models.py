@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 declarative models: projects, API tokens, jobs, events, metrics, checkpoints, datasets."""
+"""SQLAlchemy 2.0 declarative models: projects, API tokens, jobs, events, metrics, checkpoints, eval generations, datasets."""
 
 from __future__ import annotations
 
@@ -218,6 +218,21 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(Integer, autoincrement=False)
     path: Mapped[str] = mapped_column(Text)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class EvalGeneration(Base):
+    """Greedy completions of a job's fixed eval prompts at one eval step (training.eval_generations).
+
+    ``samples``: a list of ``{index, prompt, chosen, completion}``, texts cut to a bounded length.
+    """
+
+    __tablename__ = "eval_generations"
+    __table_args__ = (PrimaryKeyConstraint("job_id", "step"),)
+
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer, autoincrement=False)
+    samples: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

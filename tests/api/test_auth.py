@@ -90,7 +90,12 @@ def test_bad_token_gets_invalid_token_challenge(client: TestClient) -> None:
 def test_projects_are_isolated_and_admin_sees_all(client: TestClient, spec: dict[str, Any]) -> None:
     a = client.post("/v1/jobs", json=spec, headers=auth("team-a")).json()["id"]
     b = client.post("/v1/jobs", json={**spec, "name": "b"}, headers=auth("team-b")).json()["id"]
-    for path in (f"/v1/jobs/{a}", f"/v1/jobs/{a}/metrics", f"/v1/jobs/{a}/checkpoints"):
+    for path in (
+        f"/v1/jobs/{a}",
+        f"/v1/jobs/{a}/metrics",
+        f"/v1/jobs/{a}/checkpoints",
+        f"/v1/jobs/{a}/generations",
+    ):
         r = client.get(path, headers=auth("team-b"))
         assert r.status_code == 404, path
     assert client.post(f"/v1/jobs/{a}/cancel", headers=auth("team-b")).status_code == 404

@@ -94,7 +94,7 @@ def test_openapi_has_routes_examples_and_security(client: TestClient) -> None:
     doc = client.get("/openapi.json", headers=auth()).json()
     paths = doc["paths"]
     for path in ("/v1/jobs", "/v1/jobs:validate", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
-                 "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/checkpoints", "/v1/datasets",
+                 "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/checkpoints", "/v1/jobs/{job_id}/generations", "/v1/datasets",
                  "/v1/datasets/{dataset_id}", "/healthz", "/readyz"):  # fmt: skip
         assert path in paths, path
     assert doc["components"]["schemas"]["JobSpec"]["examples"][0]["name"] == "hh-minordpo"

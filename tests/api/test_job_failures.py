@@ -17,10 +17,10 @@ from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 from core.data import DatasetError
 from core.failures import JobFailure
 from core.settings import Settings
-from core.spec import JobSpec
 from core.store import Database, claim_queued
 from tests.api.conftest import auth
 from tests.driver_helpers import run_real_driver
+from workers.launch_record import LaunchRecord
 from workers.ray_failures import failure_from_ray
 from workers.run_outcome import RunOutcome
 from workers.train_worker import loop_failure
@@ -68,7 +68,7 @@ def test_a_failed_run_reaches_the_api_as_code_and_message(
 ) -> None:
     job_id = _running_job(client, db, spec)
 
-    def failed_run(job_id: str, spec: JobSpec, **kw: Any) -> RunOutcome:
+    def failed_run(launch: LaunchRecord, **kw: Any) -> RunOutcome:
         kw["on_event"]("started", "training started", {"total_steps": 5})
         kw["on_metrics"](1, {"loss": 0.7})
         return RunOutcome.failed(failure, last_step=1, total_steps=5)
@@ -97,7 +97,7 @@ def test_a_driver_that_crashes_records_the_same_shape(
 ) -> None:
     job_id = _running_job(client, db, spec)
 
-    def crashing_run(job_id: str, spec: JobSpec, **kw: Any) -> RunOutcome:
+    def crashing_run(launch: LaunchRecord, **kw: Any) -> RunOutcome:
         raise ConnectionError("the Ray head went away")
 
     _drive(monkeypatch, settings, job_id, crashing_run)

@@ -35,7 +35,8 @@ def test_quickstart_make_tiny_model_then_train_on_hh(tmp_path, artifacts):
         f"name: hh-quick\nmodel: {model_dir}\n"
         f"dataset: {{train: {HH_FILE}, eval_fraction: 0.1, max_rows: 80}}\n"
         "loss: {type: minor_dpo, beta: 0.1}\n"
-        "training: {max_steps: 3, batch_size: 8, learning_rate: 1.0e-3, eval_every: 3}\n",
+        "training: {max_steps: 3, batch_size: 8, learning_rate: 1.0e-3, eval_every: 3, eval_generations: 2,\n"
+        "  eval_generation_tokens: 4}\n",
         encoding="utf-8",
     )
     result = runner.invoke(app, ["train", str(spec), "--set", "training.max_steps=4"])
@@ -49,6 +50,9 @@ def test_quickstart_make_tiny_model_then_train_on_hh(tmp_path, artifacts):
     assert kinds[:2] == ["preparing", "data"] and kinds[-1] == "completed"
     assert json.loads((run_dir / "spec.json").read_text())["training"]["max_steps"] == 4
     assert (run_dir / "final" / "model.safetensors").exists()
+    generations = read_jsonl(run_dir / "generations.jsonl")  # at the eval of step 3 and the final one
+    assert [(g["step"], len(g["samples"])) for g in generations] == [(3, 2), (4, 2)]
+    assert "generations step 4: 2 greedy completions" in result.output
 
 
 def test_bad_spec_is_one_clear_line_per_field(tmp_path):

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from core.store import add_generations
 from minordpo_client import ApiError, Client, ServerUnreachableError, WaitTimeoutError
 from tests.live_server import FlakyProxy, LiveServer
 from tests.serving import free_port
@@ -95,6 +96,13 @@ def test_metrics_checkpoints_events_and_uploads(live_server: LiveServer) -> None
         assert [r["step"] for r in client.iter_metrics(job.id)] == [1, 2, 3]
         assert client.metrics(job.id, names=["loss"], max_points=2).data[-1]["step"] == 3
         assert [c.step for c in client.checkpoints(job.id).data] == [3]
+        assert client.generations(job.id).step is None
+        sample = {"prompt": "p", "chosen": " c", "completion": " g"}
+        with live_server.db.write() as s:
+            add_generations(s, job.id, 2, [sample])
+            add_generations(s, job.id, 3, [{**sample, "completion": " h"}])
+        assert client.generations(job.id).steps == [2, 3]
+        assert client.generations(job.id, step=2).data[0].completion == " g"
         kinds = [e.kind for e in client.iter_stored_events(job.id)]
         assert kinds[0] == "status" and "checkpoint" in kinds
         upload = client.upload_dataset(live_server.root / "train.jsonl")

@@ -4,6 +4,7 @@ sharded resume, final folder."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from core.checkpointing import is_sharded_checkpoint
 from core.models import load_model
 from core.reporting import NullReporter
 from core.spec import JobSpec
-from core.training import Distributed, RunOptions, train
+from core.training import Distributed, RunOptions, TrainingError, train
 
 STEPS = 4
 # fp32 on CPU: DDP all-reduces gradients, FSDP reduce-scatters them, one process sums them in one go;
@@ -32,6 +34,7 @@ class StepRecorder(NullReporter):
         self.losses: dict[int, float] = {}
         self.grad_norms: dict[int, float] = {}
         self.reference: list[dict[str, Any]] = []
+        self.samples: dict[int, list[dict[str, Any]]] = {}  # eval generations by step
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         if kind == "reference":
@@ -41,6 +44,9 @@ class StepRecorder(NullReporter):
         if "loss" in values:
             self.losses[step] = float(values["loss"])
             self.grad_norms[step] = float(values["grad_norm"])
+
+    def generations(self, step: int, samples: list[dict[str, Any]]) -> None:
+        self.samples[step] = samples
 
 
 def make_spec(model: Path, data: Path, strategy: str, num_workers: int) -> JobSpec:
@@ -117,9 +123,11 @@ def _rank_main(
     stop_after: int | None,
     resume: bool,
     caches: list[str] | None,
+    world_size: int,
 ) -> None:
     torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    init = f"tcp://127.0.0.1:{port}"
+    torch_dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
     try:
         loading = _watch_loading()
         spec = JobSpec.model_validate_json(spec_json)
@@ -133,7 +141,7 @@ def _rank_main(
             cache_dir=Path(caches[rank]) if caches else None,
             should_stop=(lambda: max(rec.losses, default=0) >= stop_after) if stop_after else None,
         )
-        result = train(spec, options, rec, Distributed(rank, 2, _sum, wrap))
+        result = train(spec, options, rec, Distributed(rank, world_size, _sum, wrap))
         summary = {
             "status": result.status,
             "step": result.step,
@@ -141,6 +149,7 @@ def _rank_main(
             "norms": rec.grad_norms,
             "loading": loading,
             "reference": rec.reference,
+            "generations": rec.samples,
         }
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))
     finally:
@@ -154,8 +163,10 @@ def run_two_ranks(
     stop_after: int | None = None,
     resume: bool = False,
     caches: list[Path] | None = None,
+    ranks: int = 2,
 ) -> list[dict]:
-    """Run ``spec`` on 2 gloo ranks; ``caches``: one reference-cache folder per rank (default: a shared one)."""
+    """Run ``spec`` on 2 (``ranks``) gloo ranks; ``caches``: one reference-cache folder per rank (default:
+    a shared one)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -163,11 +174,11 @@ def run_two_ranks(
     cache_dirs = [str(c) for c in caches] if caches else None
     mp.spawn(
         _rank_main,
-        (port, spec.model_dump_json(), str(out), stop_after, resume, cache_dirs),
-        nprocs=2,
+        (port, spec.model_dump_json(), str(out), stop_after, resume, cache_dirs, ranks),
+        nprocs=ranks,
         join=True,
     )
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 def steps(summary: dict[str, Any], key: str = "losses") -> dict[int, float]:
@@ -274,6 +285,63 @@ def test_ddp_checkpoint_resume_equals_straight_run_and_rank0_decides_the_cache(r
     a, b = final_weights(root / "ddp"), final_weights(root / "ddp-split")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def assert_close_to_straight(straight: dict, resumed: dict, straight_dir: Path, resumed_dir: Path) -> None:
+    """A run resumed at step 2 of 4 on another number of ranks (or strategy): steps 3-4 sum the same
+    gradients in another order, so losses and weights agree as DDP, FSDP and one process do."""
+    assert resumed["status"] == "completed" and sorted(steps(resumed)) == [3, 4]
+    expected = steps(straight)
+    for step, loss in steps(resumed).items():
+        assert loss == pytest.approx(expected[step], rel=RTOL), step
+    a, b = final_weights(straight_dir), final_weights(resumed_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=ATOL_ONE_PROCESS, msg=name)
+
+
+def resume_in_process(spec: JobSpec, checkpoints: Path, out: Path) -> dict:
+    """Resume from the latest of ``checkpoints`` in this process (one rank, no process group)."""
+    shutil.copytree(checkpoints, out / "checkpoints")
+    rec = StepRecorder()
+    result = train(spec, RunOptions(output_dir=out, resume_from="latest"), rec)
+    return {"status": result.status, "losses": rec.losses}
+
+
+def test_two_rank_sharded_checkpoint_resumes_on_one_rank(runs: dict) -> None:
+    """Written by 2 FSDP ranks of 2 pairs, resumed by 1 rank of 4 (the same pairs per step, so the same
+    place in the data): on 1 FSDP rank (DCP reshards) and in one process without sharding; with other
+    pairs per step the resume is refused, naming both."""
+    root, model, data = runs["root"], runs["model"], runs["data"]
+    first = run_two_ranks(runs["fsdp_spec"], root / "resize", stop_after=2)
+    assert first[0]["step"] == 2
+    checkpoints = root / "resize" / "checkpoints"
+    one_rank = root / "resize-one-rank"
+    shutil.copytree(checkpoints, one_rank / "checkpoints")
+    [on_one] = run_two_ranks(make_spec(model, data, "fsdp", 1), one_rank, resume=True, ranks=1)
+    assert_close_to_straight(runs["fsdp"][0], on_one, root / "fsdp", one_rank)
+    unsharded = resume_in_process(make_spec(model, data, "ddp", 1), checkpoints, root / "resize-unsharded")
+    assert_close_to_straight(runs["fsdp"][0], unsharded, root / "fsdp", root / "resize-unsharded")
+    fewer = make_spec(model, data, "ddp", 1)  # 1 rank of 2 pairs: the global steps are other sets of pairs
+    fewer.training.batch_size = 2
+    with pytest.raises(TrainingError) as raised:
+        resume_in_process(fewer, checkpoints, root / "resize-refused")
+    assert raised.value.code == "resume_batch_mismatch"
+    assert "num_workers 2 and training.batch_size 2 (4 pairs per step)" in raised.value.message
+    assert "num_workers 1 and batch_size 2 (2)" in raised.value.message
+
+
+def test_ddp_checkpoint_resumes_under_fsdp_on_two_ranks(runs: dict) -> None:
+    """A one-process DDP checkpoint (full weights, optimizer state keyed by position) resumed by 2 FSDP
+    ranks: each rank takes its slices of the full optimizer state."""
+    root = runs["root"]
+    out = root / "ddp-to-fsdp"
+    first = StepRecorder()
+    spec = make_spec(runs["model"], runs["data"], "ddp", 1)
+    stop = lambda: max(first.losses, default=0) >= 2  # noqa: E731
+    assert train(spec, RunOptions(output_dir=out, should_stop=stop), first).status == "cancelled"
+    assert not is_sharded_checkpoint(out / "checkpoints" / "step-0000002")
+    second = run_two_ranks(runs["fsdp_spec"], out, resume=True)
+    assert_close_to_straight(runs["fsdp"][0], second[0], root / "fsdp", out)
 
 
 def test_fsdp_live_reference_is_sharded_and_read_by_rank0(runs: dict) -> None:

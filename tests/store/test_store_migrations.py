@@ -38,7 +38,7 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 def test_single_head_is_the_newest_revision() -> None:
@@ -47,6 +47,7 @@ def test_single_head_is_the_newest_revision() -> None:
     assert (migrate.MIGRATIONS_DIR / "versions" / "0002_webhook_deliveries.py").is_file()
     assert (migrate.MIGRATIONS_DIR / "versions" / "0003_job_metric_rows.py").is_file()
     assert (migrate.MIGRATIONS_DIR / "versions" / "0004_job_queue_reason.py").is_file()
+    assert (migrate.MIGRATIONS_DIR / "versions" / "0005_eval_generations.py").is_file()
 
 
 def test_models_and_migrated_schema_do_not_drift(empty_url: str) -> None:
@@ -115,6 +116,17 @@ def test_upgrade_to_0003_counts_each_jobs_stored_metric_rows(empty_url: str) -> 
             assert conn.execute(text("SELECT count(*) FROM metric_points")).scalar_one() == 3
             assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 2
         assert "metric_rows" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+
+
+def test_upgrade_to_0005_adds_eval_generations_and_downgrade_drops_only_it(empty_url: str) -> None:
+    with migrated_to(empty_url, "0004") as engine:
+        assert "eval_generations" not in inspect(engine).get_table_names()
+        assert migrate.upgrade(empty_url) == HEAD
+        assert "eval_generations" in _tables(empty_url)
+        assert migrate.downgrade(empty_url, "0004") == "0004"
+        assert "eval_generations" not in _tables(empty_url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT name FROM projects")).scalars().all() == ["p"]
 
 
 def test_ensure_schema_current_refuses_an_empty_database(empty_url: str) -> None:

@@ -1,4 +1,4 @@
-"""Fixtures for the Ray tests: one real local Ray cluster per test module, and a tiny job spec factory."""
+"""Fixtures for the workers tests: a store of its own per test, a local Ray cluster per module, a tiny spec."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ from typing import Any
 import pytest
 
 from core.spec import JobSpec
+from core.store import Database, upgrade
 from tests.webhook_receiver import receiver  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    """A migrated SQLite store of this test's own."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    database = Database(url)
+    yield database
+    database.dispose()
 
 
 @pytest.fixture(scope="module")

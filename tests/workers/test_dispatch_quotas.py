@@ -3,25 +3,13 @@ jobs, a waiting job stores why it waits, and a job larger than its project's quo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from core.scheduling import ProjectQuota
-from core.store import Database, create_job, get_job, list_events, transition, upgrade
+from core.store import Database, create_job, get_job, list_events, transition
 from tests.workers.test_dispatcher import RecordingRayJobs, spec
 from workers.dispatcher import Dispatcher, DriverEnv
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    upgrade(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def make_dispatcher(

@@ -11,9 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
-from core.store import Database, cancel_job, create_job, get_job, list_events, upgrade
+from core.store import Database, cancel_job, create_job, get_job, list_events
 from workers.dispatcher import QUEUE_POLL_S, Dispatcher, DriverEnv
 
 
@@ -39,15 +37,6 @@ def spec(workers: int = 2) -> dict:
         "dataset": {"train": "d.jsonl"},
         "resources": {"num_workers": workers, "cpus_per_worker": 1},
     }
-
-
-@pytest.fixture
-def db(tmp_path: Path):
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    upgrade(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def queue(db: Database, workers: int = 2) -> str:

@@ -13,10 +13,11 @@ import ray.train
 import ray.train.torch as ray_train_torch
 
 from core import losses
+from core.data.limits import DataLimits
 from core.failures import JobFailure
 from core.spec import JobSpec
 from workers import train_worker
-from workers.conventions import JobPolicy
+from workers.launch_record import LaunchRecord
 from workers.train_worker import train_loop_per_worker
 
 
@@ -71,7 +72,7 @@ def test_deeply_nested_data_is_a_dataset_error_recorded_so_a_retry_does_not_run_
         }
     )
     channel = FakeChannel()
-    config = {"spec": spec.model_dump_json(), "output_dir": str(tmp_path / "out"), "channel": channel}
+    config = {"launch": LaunchRecord("deep", spec, tmp_path), "channel": channel}
 
     with pytest.raises(JobFailure) as first:
         train_loop_per_worker(config)
@@ -87,8 +88,8 @@ def test_deeply_nested_data_is_a_dataset_error_recorded_so_a_retry_does_not_run_
     assert retried.status == "failed" and retried.failure == first.value
 
 
-def test_the_operators_data_limits_reach_the_loop(
-    without_ray: None, tiny_model_dir: Path, tmp_path: Path
+def test_the_operators_data_limits_reach_the_loop_in_the_record_not_parsed_again(
+    without_ray: None, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "nested.jsonl"
     data.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": [[[[[[["r"]]]]]]]}) + "\n")
@@ -100,12 +101,14 @@ def test_the_operators_data_limits_reach_the_loop(
             "training": {"max_steps": 1},
         }
     )
-    config = {
-        "spec": spec.model_dump_json(),
-        "output_dir": str(tmp_path / "out"),
-        "channel": FakeChannel(),
-        "policy": JobPolicy(data_limits={"max_json_depth": 4}),
-    }
+    launch = LaunchRecord("limits", spec, tmp_path, data_limits=DataLimits(max_json_depth=4))
+    config = {"launch": launch, "channel": FakeChannel()}
+
+    def parsed_again(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the worker validated the spec again")
+
+    monkeypatch.setattr(JobSpec, "model_validate", parsed_again)
+    monkeypatch.setattr(JobSpec, "model_validate_json", parsed_again)
     with pytest.raises(JobFailure) as failed:
         train_loop_per_worker(config)
     assert failed.value.code == "dataset_error" and "nested deeper than 4 levels" in failed.value.message
@@ -133,7 +136,7 @@ def test_a_nan_loss_is_recorded_as_a_plain_job_failure_with_its_step(
     )
     channel = FakeChannel()
     channel.cancel_requested = _Remote(lambda: False)
-    config = {"spec": spec.model_dump_json(), "output_dir": str(tmp_path / "out"), "channel": channel}
+    config = {"launch": LaunchRecord("nan", spec, tmp_path), "channel": channel}
 
     with pytest.raises(JobFailure) as failed:
         train_loop_per_worker(config)

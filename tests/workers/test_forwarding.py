@@ -54,6 +54,21 @@ def test_the_runs_closing_event_comes_after_its_last_checkpoint() -> None:
     assert seen.count(("e", "cancelled")) == 1
 
 
+def test_eval_generations_go_to_their_own_callable_and_do_not_count_as_steps() -> None:
+    seen: list[Any] = []
+    fwd = _Forwarder(
+        lambda s, v: seen.append(("m", s)),
+        lambda k, m, d: seen.append(("e", k)),
+        lambda s, p, v: seen.append(("c", s)),
+        on_generations=lambda s, samples: seen.append(("g", s, samples)),
+    )
+    samples = [{"index": 0, "prompt": "p", "chosen": "c", "completion": "x"}]
+    fwd({"type": "generations", "step": 7, "samples": samples})
+    assert seen == [("g", 7, samples)] and fwd.max_step == 0
+    silent, _ = _collect()
+    silent({"type": "generations", "step": 7, "samples": samples})  # a driver that stores none
+
+
 def test_rank_differences_ignore_per_rank_timings() -> None:
     same = {"loss": 0.5, "step": 1}
     assert _rank_differences([{**same, "step_time": 1.0}, {**same, "step_time": 2.0}]) == []

@@ -17,6 +17,7 @@ import pytest
 from tests import ray_helpers
 from workers.conventions import job_output_dir
 from workers.job_run import run_job
+from workers.launch_record import LaunchRecord
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -28,6 +29,7 @@ class Recorder:
     metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     checkpoints: list[tuple[int, str, dict[str, float]]] = field(default_factory=list)
+    generations: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     on_train_step: Callable[[int], None] | None = None
     on_first_checkpoint: Callable[[int], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -55,13 +57,12 @@ class Recorder:
 
     def run(self, job_id: str, spec: Any, artifacts: Path) -> Any:
         return run_job(
-            job_id,
-            spec,
-            artifacts_dir=artifacts,
+            LaunchRecord(job_id, spec, artifacts),
             on_metrics=self.on_metrics,
             on_event=self.on_event,
             on_checkpoint=self.on_checkpoint,
             cancel=self.cancel,
+            on_generations=self.generations.__setitem__,
         )
 
 
@@ -79,7 +80,7 @@ def test_two_worker_job_succeeds_and_forwards_each_step_once(local_ray, job_spec
     from transformers import AutoModelForCausalLM
 
     rec = Recorder()
-    outcome = rec.run("job-ok", job_spec(), tmp_path)
+    outcome = rec.run("job-ok", job_spec(eval_generations=2, eval_generation_tokens=4), tmp_path)
 
     assert outcome.status == "succeeded", outcome
     assert outcome.last_step == 8 and outcome.failure is None
@@ -87,6 +88,8 @@ def test_two_worker_job_succeeds_and_forwards_each_step_once(local_ray, job_spec
     losses = [v["loss"] for _, v in rec.metrics if "loss" in v]
     assert all(isinstance(x, float) for x in losses) and len(set(losses)) > 1
     assert [s for s, v in rec.metrics if "eval/loss" in v] == [4, 8]
+    # rank 0's eval generations came through the job channel, once per eval step
+    assert {s: [g["index"] for g in gs] for s, gs in rec.generations.items()} == {4: [0, 1], 8: [0, 1]}
     assert [s for s, _, _ in rec.checkpoints] == [3, 6]
     assert all(
         Path(p, "model").is_dir() and Path(p, "trainer_state.pt").is_file() for _, p, _ in rec.checkpoints

@@ -84,10 +84,17 @@ def test_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_fil
 def test_fsdp_job_runs_on_two_ray_workers(server, tiny_model_dir, learnable_pairs_file):
     from transformers import AutoModelForCausalLM
 
-    job_id = submit(server, job_body(tiny_model_dir, learnable_pairs_file, steps=4, strategy="fsdp"))
+    body = job_body(tiny_model_dir, learnable_pairs_file, steps=4, strategy="fsdp")
+    body["dataset"]["eval_fraction"] = 0.1
+    body["training"].update(eval_generations=2, eval_generation_tokens=4)
+    job_id = submit(server, body)
     job = wait_for(server, job_id, lambda j: j["status"] in TERMINAL)
     assert job["status"] == "succeeded", job.get("error")
     assert metric_steps(server, job_id) == [1, 2, 3, 4]
+    # the final eval's greedy completions: every rank decoded, rank 0's reached the store through the driver
+    generations = httpx.get(f"{server.url}/v1/jobs/{job_id}/generations", timeout=10).json()
+    assert generations["steps"] == [4] and [g["index"] for g in generations["data"]] == [0, 1]
+    assert all(g["prompt"] and g["chosen"] for g in generations["data"])
     ckpts = httpx.get(f"{server.url}/v1/jobs/{job_id}/checkpoints", timeout=10).json()["data"]
     assert [c["step"] for c in ckpts] == [3]
     assert (Path(ckpts[0]["path"]) / "sharded" / ".metadata").exists()  # torch.distributed.checkpoint

@@ -20,6 +20,7 @@ from core.spec import JobSpec
 from core.store import Database, create_job, get_job, list_events, migrate, transition
 from tests.driver_helpers import run_real_driver
 from workers import entrypoint
+from workers.launch_record import LaunchRecord
 from workers.run_outcome import RunOutcome
 from workers.tracking_mlflow import JOB_ID_TAG, flatten, mlflow_key
 
@@ -105,7 +106,7 @@ def _drive(
 ) -> None:
     """Run the real driver (`workers.entrypoint.run`) with a fake Ray run that reports 3 steps."""
 
-    def fake_run_job(job_id: str, spec: JobSpec, **kw: Any) -> RunOutcome:
+    def fake_run_job(launch: LaunchRecord, **kw: Any) -> RunOutcome:
         kw["on_event"]("started", "training started", {"total_steps": 3})
         for step in (1, 2, 3):
             kw["on_metrics"](step, {"train/loss": 1.0 / step, "train/rewards/margin": 0.1 * step})

@@ -1,7 +1,8 @@
-// One job: live charts fed by the SSE stream, events log, checkpoints, spec, error, cancel.
+// One job: live charts fed by the SSE stream, events log, checkpoints, eval generations, spec, error, cancel.
 
 import { api, followEvents } from "./api.js";
 import { LineChart } from "./charts.js";
+import { generationsPanel } from "./generations.js";
 import { TERMINAL, describeJob, fmtDuration, fmtNumber, fmtTime, flash, h, progressBar, statusBadge } from "./util.js";
 
 export const CHARTS = [
@@ -30,6 +31,7 @@ export function renderJob(main, jobId) {
   const checkpoints = h("tbody", {});
   const specPre = h("pre.spec", { id: "job-spec", tabindex: 0 });
   const derived = h("span", { id: "derived-jobs", text: "none" });
+  const generations = generationsPanel(jobId);
 
   function showJob(data) {
     job = data;
@@ -129,10 +131,12 @@ export function renderJob(main, jobId) {
       if (message.type === "metrics") {
         for (const chart of charts) chart.addRow(message.step, message.values);
         refreshSoon();
+        generations.refreshSoon();
         return;
       }
       logEvent(message);
       if (message.type === "status" || message.kind === "cancel_requested") refreshJob();
+      if (message.type === "status" && TERMINAL.has(message.status)) generations.refresh();
       if (message.kind === "checkpoint") refreshCheckpoints();
     },
   });
@@ -164,14 +168,17 @@ export function renderJob(main, jobId) {
         h("table.jobs", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ["Step", "Path", "Saved"].map((t) => h("th", { scope: "col", text: t })))), checkpoints),
       ),
     ),
+    generations.element,
     h("section.panel", { "aria-labelledby": "spec-title" }, h("h2", { id: "spec-title", text: "Spec" }), specPre),
   );
   for (const chart of charts) chart.schedule();
   refreshJob();
   refreshCheckpoints();
   refreshDerived();
+  generations.refresh();
   return () => {
     alive = false;
+    generations.close();
     stream.close();
     clearTimeout(refreshTimer);
     charts.forEach((c) => c.destroy());
