@@ -188,13 +188,14 @@ def start_local_head(
     log_path = state_file.with_suffix(".log")
     state_file.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
+    temp_root = head_temp_root(state_file)
     for attempt in range(1, attempts + 1):
         printed_before = log_path.stat().st_size if log_path.exists() else 0
-        head, proc = _spawn_head(
-            cpus, preload, log_path, head_temp_root(state_file), ports if attempt == 1 else None
-        )
+        head, proc = _spawn_head(cpus, preload, log_path, temp_root, ports if attempt == 1 else None)
         while proc.poll() is None:
-            if jobs_api_reachable(head.dashboard_url):
+            # up once its Jobs API answers and `ray start` has recorded the address its job supervisor
+            # hands to drivers (written after the dashboard starts: a job submitted before it would fail)
+            if jobs_api_reachable(head.dashboard_url) and _records_address(temp_root, head):
                 head = head.owned_here()
                 write_state(state_file, asdict(head))
                 return head
@@ -249,6 +250,14 @@ def _spawn_head(
         head_id=head_id,
     )
     return head, proc
+
+
+def _records_address(temp_root: Path, head: LocalHead) -> bool:
+    """Whether `<temp_root>/ray/ray_current_cluster` names `head`'s GCS."""
+    try:
+        return (temp_root / "ray" / "ray_current_cluster").read_text().strip() == head.gcs_address
+    except OSError:
+        return False
 
 
 def _printed_since(log_path: Path, offset: int, lines: int = 6) -> str:
