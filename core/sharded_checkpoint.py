@@ -45,7 +45,7 @@ class ShardedSaver:
 
     def __init__(self, root: Path, reporter: Reporter, dist: Distributed, *, keep: int) -> None:
         self.root, self.reporter, self.keep = root, reporter, keep
-        self.rank, self.all_reduce_sum = dist.rank, dist.all_reduce_sum
+        self.rank, self.world_size, self.all_reduce_sum = dist.rank, dist.world_size, dist.all_reduce_sum
         self.pending: PendingSave | None = None
         self._group: Any = None
 
@@ -92,10 +92,10 @@ class ShardedSaver:
         write (every rank calls it after each step: one small all-reduce while a write is pending)."""
         if self.pending is None:
             return
-        done = torch.tensor([float(self.pending.future.done()), 1.0], dtype=torch.float64)
+        done = torch.tensor([float(self.pending.future.done())], dtype=torch.float64)
         if self.all_reduce_sum is not None:
             done = self.all_reduce_sum(done)
-        if done[0] == done[1]:
+        if done.item() == self.world_size:
             self.wait()
 
     def wait(self) -> None:

@@ -60,15 +60,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batch_stream(plan: LengthGroupedBatches, epoch: int, batch: int) -> Iterator[tuple[int, int, list[int]]]:
-    """Batches from position (epoch, batch) on, epoch after epoch: (epoch, index in epoch, example indices)."""
-    while True:
-        batches = plan.epoch(epoch)
-        for i in range(batch, len(batches)):
-            yield epoch, i, batches[i]
-        epoch, batch = epoch + 1, 0
-
-
 @dataclass
 class RunSetup:
     """Everything `Trainer.setup` builds and the loop steps with."""
@@ -264,7 +255,7 @@ class Trainer:
                 "precision": s.precision,
             },
         )
-        stream = _batch_stream(s.plan, loop.epoch, loop.batch_in_epoch)
+        stream = s.plan.stream(loop.epoch, loop.batch_in_epoch)
         metrics: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
         status: Literal["completed", "cancelled"] = "completed"

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from api.errors import ProblemError, not_found
+from api.errors import ProblemError
 from api.services.auth import Principal
+from api.services.jobs import ensure_visible
 from core.schemas import GenerationSample, JobGenerations
-from core.store import Database, generation_steps, get_generations, job_visible
+from core.store import Database, generation_steps, get_generations
 
 
 def job_generations(db: Database, principal: Principal, job_id: str, step: int | None) -> JobGenerations:
     """The samples at `step` (default: the latest eval step that has them); 404 for an unknown step or job."""
     with db.read() as session:
-        if not job_visible(session, job_id, project=principal.scope):
-            raise not_found("job", job_id)
+        ensure_visible(session, principal, job_id)
         steps = generation_steps(session, job_id)
         if step is None and not steps:
             return JobGenerations(steps=[], step=None, data=[])

@@ -100,7 +100,7 @@ def to_out(job: Job | Row[Any], queue_position: int | None = None) -> JobOut:
     )
 
 
-def _ensure_visible(session: Session, principal: Principal, job_id: str) -> None:
+def ensure_visible(session: Session, principal: Principal, job_id: str) -> None:
     """404 unless the job exists in the principal's scope (an index lookup; no row is loaded)."""
     if not job_visible(session, job_id, project=principal.scope):
         raise not_found("job", job_id)
@@ -187,7 +187,7 @@ def cancel(db: Database, principal: Principal, job_id: str) -> JobOut:
 def events(db: Database, principal: Principal, job_id: str, *, after: int, limit: int) -> EventPage:
     """Stored events after seq `after`, oldest first (the JSON view of the event stream)."""
     with db.read() as session:
-        _ensure_visible(session, principal, job_id)
+        ensure_visible(session, principal, job_id)
         rows = list_events(session, job_id, after_seq=after, limit=limit)
         data = [
             EventOut(seq=e.seq, kind=e.kind, message=e.message, data=e.data, time=e.created_at) for e in rows
@@ -215,7 +215,7 @@ def metrics(
 ) -> MetricSeries:
     """A job's metric series, optionally filtered by name and downsampled (first and last kept)."""
     with db.read() as session:
-        _ensure_visible(session, principal, job_id)
+        ensure_visible(session, principal, job_id)
         try:
             series = metric_series(
                 session, job_id, after_step=after_step, names=names, max_points=max_points, limit=limit
@@ -238,7 +238,7 @@ def series_json(series: MetricSeries) -> bytes:
 def checkpoints(db: Database, principal: Principal, job_id: str) -> CheckpointList:
     """A job's checkpoints by step."""
     with db.read() as session:
-        _ensure_visible(session, principal, job_id)
+        ensure_visible(session, principal, job_id)
         rows = list_checkpoints(session, job_id)
         return CheckpointList(
             data=[

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -81,6 +81,14 @@ class LengthGroupedBatches:
             if share:
                 batches.append(indices[self.rank * share : (self.rank + 1) * share])
         return batches
+
+    def stream(self, epoch: int = 0, batch: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+        """Batches from position (epoch, batch) on, epoch after epoch: (epoch, index in epoch, indices)."""
+        while True:
+            batches = self.epoch(epoch)
+            for i in range(batch, len(batches)):
+                yield epoch, i, batches[i]
+            epoch, batch = epoch + 1, 0
 
 
 CAP_STEPS = 16

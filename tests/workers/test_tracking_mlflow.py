@@ -17,7 +17,7 @@ import pytest
 from core.failures import JobFailure
 from core.settings import get_settings
 from core.spec import JobSpec
-from core.store import Database, create_job, get_job, list_events, migrate, transition
+from core.store import Database, create_job, get_job, list_events, transition
 from tests.driver_helpers import run_real_driver
 from workers import entrypoint
 from workers.launch_record import LaunchRecord
@@ -78,15 +78,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    migrate.upgrade(url)
-    db = Database(url)
-    yield db
-    db.dispose()
-
-
 def _spec(tracking: dict[str, Any] | None = None) -> JobSpec:
     body: dict[str, Any] = {"name": "mlflow-job", "model": "var/models/tiny", "dataset": {"train": "d.jsonl"}}
     if tracking is not None:
@@ -126,7 +117,7 @@ def _kinds(db: Database, job_id: str) -> Callable[[str], list[Any]]:
 
 
 def test_a_job_reports_params_metric_history_and_status_to_the_server(
-    mlflow_server: str, store: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: str, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -140,15 +131,15 @@ def test_a_job_reports_params_metric_history_and_status_to_the_server(
             }
         }
     )
-    job_id = _running_job(store, spec)
+    job_id = _running_job(db, spec)
     final = tmp_path / "final"
     final.mkdir()
     (final / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
-    _drive(monkeypatch, store, job_id, mlflow_server, RunOutcome("succeeded", 3, 3, final_model_dir=final))
+    _drive(monkeypatch, db, job_id, mlflow_server, RunOutcome("succeeded", 3, 3, final_model_dir=final))
 
-    with store.read() as s:
+    with db.read() as s:
         assert get_job(s, job_id).status == "succeeded"
-    events = _kinds(store, job_id)
+    events = _kinds(db, job_id)
     assert events("tracking_error") == [] and len(events("tracking_run")) == 1
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("dpo-sweep")
@@ -171,18 +162,18 @@ def test_a_job_reports_params_metric_history_and_status_to_the_server(
 
 
 def test_a_restarted_driver_reuses_the_run_and_a_failed_job_fails_it(
-    mlflow_server: str, store: Database, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: str, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow.tracking import MlflowClient
 
     spec = _spec()  # no tracking section: the default experiment and the job's name
-    job_id = _running_job(store, spec)
-    tracker = entrypoint._tracker(store, job_id, spec, mlflow_server)
+    job_id = _running_job(db, spec)
+    tracker = entrypoint._tracker(db, job_id, spec, mlflow_server)
     assert tracker is not None and tracker.run_id is not None  # a first attempt that died before its end
     tracker.finish("cancelled")
     assert MlflowClient(mlflow_server).get_run(tracker.run_id).info.status == "KILLED"
     failed = RunOutcome.failed(JobFailure("worker_error", "boom"), last_step=3, total_steps=3)
-    _drive(monkeypatch, store, job_id, mlflow_server, failed)
+    _drive(monkeypatch, db, job_id, mlflow_server, failed)
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("minordpo")
@@ -193,16 +184,16 @@ def test_a_restarted_driver_reuses_the_run_and_a_failed_job_fails_it(
 
 
 def test_a_tracking_server_that_is_down_leaves_the_job_succeeded_with_one_event(
-    store: Database, monkeypatch: pytest.MonkeyPatch
+    db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job_id = _running_job(store, _spec({"mlflow": {"experiment": "e"}}))
+    job_id = _running_job(db, _spec({"mlflow": {"experiment": "e"}}))
     started = time.monotonic()
-    _drive(monkeypatch, store, job_id, f"http://127.0.0.1:{_free_port()}", RunOutcome("succeeded", 3, 3))
+    _drive(monkeypatch, db, job_id, f"http://127.0.0.1:{_free_port()}", RunOutcome("succeeded", 3, 3))
     assert time.monotonic() - started < 60  # one failed request, not one per metric point
 
-    with store.read() as s:
+    with db.read() as s:
         assert get_job(s, job_id).status == "succeeded"
-    events = _kinds(store, job_id)
+    events = _kinds(db, job_id)
     (error,) = events("tracking_error")
     assert "MLflow tracking at http://127.0.0.1:" in error.message and events("tracking_run") == []
     assert len(events("finished")) == 1
@@ -235,7 +226,7 @@ def test_the_driver_env_carries_the_tracking_uri(tmp_path: Path, monkeypatch: py
     assert "MINORDPO_MLFLOW_TRACKING_URI" not in DriverEnv("sqlite://", tmp_path, False).as_env()
 
 
-def test_a_failure_mid_job_is_one_event_and_turns_tracking_off(store: Database) -> None:
+def test_a_failure_mid_job_is_one_event_and_turns_tracking_off(db: Database) -> None:
     from workers.tracking_mlflow import MlflowTracker
 
     class FailingClient:
@@ -245,12 +236,12 @@ def test_a_failure_mid_job_is_one_event_and_turns_tracking_off(store: Database) 
             FailingClient.calls += 1
             raise ConnectionError("server went away")
 
-    job_id = _running_job(store, _spec())
-    tracker = MlflowTracker(store, job_id, _spec(), "http://127.0.0.1:1")
+    job_id = _running_job(db, _spec())
+    tracker = MlflowTracker(db, job_id, _spec(), "http://127.0.0.1:1")
     tracker.run_id, tracker._client, tracker._flushed_at = "run", FailingClient(), float("-inf")
     for step in range(1, 6):
         tracker.metrics(step, {"train/loss": 1.0})
     tracker.finish("succeeded")
-    (error,) = _kinds(store, job_id)("tracking_error")
+    (error,) = _kinds(db, job_id)("tracking_error")
     assert "ConnectionError: server went away" in error.message
     assert FailingClient.calls == 1 and not tracker.enabled
