@@ -21,7 +21,7 @@ from memory_scale import _rss_mib as _proc_mib
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
-GPT2_FILE = REPO / "examples" / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
+GPT2_DIR = REPO / "examples" / "data" / "tokenizers" / "gpt2"
 QUICK_DIMS = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4}
 WORLD = 2
 WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "with"]
@@ -99,29 +99,15 @@ def rank_main(rank: int, port: int, spec_file: Path, run_dir: Path) -> dict[str,
     }
 
 
-def save_model(dims: dict[str, int]) -> tuple[Path, float]:
+def save_model(dims: dict[str, int], *, tied: bool = True) -> tuple[Path, float]:
     """The random-init Llama with the GPT-2 tokenizer as a HF folder under bench/out (made once); its size in M."""
-    folder = OUT / "memory_sharding" / f"model-{dims['hidden_size']}x{dims['num_hidden_layers']}"
-    if not (folder / "model.safetensors").exists():
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from core.models import make_tiny_model
 
-        tok = PreTrainedTokenizerFast(
-            tokenizer_file=str(GPT2_FILE), eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-        )
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            head_dim=dims["hidden_size"] // dims["num_attention_heads"],
-            **dims,
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-        tok.save_pretrained(folder)
-    params = (folder / "model.safetensors").stat().st_size / 4 / 1e6  # fp32, tied head stored once
+    name = f"model-{dims['hidden_size']}x{dims['num_hidden_layers']}" + ("" if tied else "-untied")
+    folder = OUT / "memory_sharding" / name
+    if not (folder / "model.safetensors").exists():
+        make_tiny_model(folder, tokenizer=GPT2_DIR, dims=dims, max_positions=4096, tie_embeddings=tied)
+    params = (folder / "model.safetensors").stat().st_size / 4 / 1e6  # fp32, a tied head stored once
     return folder, params
 
 
@@ -180,6 +166,9 @@ def main() -> None:
         default="both",
         help="run without and/or with training.gradient_checkpointing",
     )
+    parser.add_argument(
+        "--untied", action="store_true", help="the LM head with its own weight (as in Llama 3 8B/70B)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, max_length 64, batch 1, 1 step")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument(
@@ -197,7 +186,7 @@ def main() -> None:
         args.max_length, args.batch, args.steps = 64, 1, 1
     name = args.name or ("memory_sharding-quick" if args.quick else "memory_sharding")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    model, params_m = save_model(QUICK_DIMS if args.quick else DIMS)
+    model, params_m = save_model(QUICK_DIMS if args.quick else DIMS, tied=not args.untied)
     work = OUT / name
     data = work / "pairs.jsonl"
     work.mkdir(parents=True, exist_ok=True)
@@ -208,6 +197,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_at_start": os.getloadavg()[0],
         "params_m": round(params_m, 1),
+        "tied_embeddings": not args.untied,
         "max_length": args.max_length,
         "batch_per_rank": args.batch,
         "steps": args.steps,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from core.attention import flex_trainable, resolve_attn_implementation, uses_flex
+from core.file_digests import file_digests
 
 if TYPE_CHECKING:  # core.spec needs pydantic; the scorer path (bench/gpu_check.py) must load without it
     from core.spec import LoraSpec, ModelSpec
@@ -253,12 +254,12 @@ def model_fingerprint(spec: ModelSpec) -> str:
         h.update(f"{spec.path}@{commit or spec.revision or 'main'}".encode())
         return h.hexdigest()
     root = Path(spec.path).expanduser()
-    for file in sorted(root.glob("*")):
-        if file.suffix in {".json", ".safetensors", ".bin"} and file.is_file():
-            h.update(file.name.encode())
-            with file.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
+    files = [
+        f for f in sorted(root.glob("*")) if f.suffix in {".json", ".safetensors", ".bin"} and f.is_file()
+    ]
+    for file, digest in zip(files, file_digests(files), strict=True):
+        h.update(file.name.encode())
+        h.update(digest.encode())
     return h.hexdigest()
 
 
@@ -314,18 +315,25 @@ def make_tiny_model(
     tokenizer: str | Path | None = None,
     size: Literal["tiny", "small"] = "tiny",
     seed: int = 0,
+    dims: dict[str, int] | None = None,
+    max_positions: int = 2048,
+    tie_embeddings: bool = True,
 ) -> Path:
-    """Save a random-init Llama-architecture causal LM and its tokenizer as a Hugging Face folder."""
+    """Save a random-init Llama-architecture causal LM and its tokenizer as a Hugging Face folder.
+
+    ``dims`` (hidden, MLP and layer sizes, heads) replaces the named ``size``; ``tie_embeddings``
+    False gives the LM head its own weight, as in the larger Llamas.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _tokenizer_from(tokenizer)
     if not getattr(tok, "chat_template", None):
         tok.chat_template = CHATML_TEMPLATE
-    dims = TINY_SIZES[size]
+    dims = dims or TINY_SIZES[size]
     config = LlamaConfig(
         vocab_size=len(tok),
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

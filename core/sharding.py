@@ -2,9 +2,10 @@
 
 Only rank 0 reads the pretrained weights; the other ranks build the same architecture on the meta
 device (no memory, no file read), every rank shards, and rank 0's full weights and buffers are
-broadcast into the shards (`set_model_state_dict(..., broadcast_from_rank0=True)`). The embeddings
-and the LM head stay in the root unit: the head is called once per log-prob chunk (core.scoring), and
-a tied head shares its weight with the embeddings, so a unit of its own would gather it once per chunk.
+broadcast into the shards (`set_model_state_dict(..., broadcast_from_rank0=True)`). Untied input
+embeddings get a unit of their own (gathered for the forward's first op and the backward's last, sharded
+in between); the LM head stays in the root unit, gathered once per step although core.scoring calls it
+once per log-prob chunk. A tied head shares its weight with the embeddings, so both stay in the root.
 """
 
 from __future__ import annotations
@@ -64,10 +65,18 @@ def shard_scorer(scorer: nn.Module, device: torch.device | str, dtype: torch.dty
     _register_outputs()
     mesh = init_device_mesh(torch.device(device).type, (torch_dist.get_world_size(),))
     policy = mixed_precision(dtype)
-    for layer in decoder_layers(getattr(scorer, "model", scorer)):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    for unit in shard_units(getattr(scorer, "model", scorer)):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(scorer, mesh=mesh, mp_policy=policy)
     return scorer
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules that get an FSDP unit below the root: untied input embeddings, then each decoder layer."""
+    lm = causal_lm(model)
+    embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    tied = head is not None and head.weight is embeddings.weight
+    return ([] if tied else [embeddings]) + decoder_layers(model)
 
 
 def load_sharded_scorer(

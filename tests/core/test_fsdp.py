@@ -16,8 +16,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from core.checkpointing import is_sharded_checkpoint
-from core.models import load_model
+from core.models import load_model, make_tiny_model
 from core.reporting import NullReporter
+from core.sharding import decoder_layers, shard_units
 from core.spec import JobSpec
 from core.training import Distributed, RunOptions, TrainingError, train
 
@@ -226,6 +227,32 @@ def test_fsdp_equals_ddp_and_one_process(runs: dict, tiny_model_dir: Path) -> No
         torch.testing.assert_close(f[name], d[name], rtol=RTOL, atol=ATOL, msg=name)
         torch.testing.assert_close(f[name], s[name], rtol=RTOL, atol=ATOL_ONE_PROCESS, msg=name)
     assert any(not torch.allclose(start[k], f[k]) for k in f)  # the weights really moved
+
+
+def test_untied_embeddings_get_their_own_unit_and_train_the_same(
+    tiny_model_dir: Path, learnable_pairs_file: Path, tmp_path: Path
+) -> None:
+    """An untied Llama (as Llama 3 8B/70B): the input embeddings are an FSDP unit of their own, sharded
+    between the forward's first op and the backward's last; 2 fsdp ranks still equal one process."""
+    untied = make_tiny_model(tmp_path / "untied", tokenizer=tiny_model_dir, tie_embeddings=False)
+    model, tied = load_model(str(untied)), load_model(str(tiny_model_dir))
+    assert shard_units(model) == [model.get_input_embeddings(), *decoder_layers(model)]
+    assert shard_units(tied) == decoder_layers(tied)  # a tied head keeps its weight in the root unit
+    single = StepRecorder()
+    train(make_spec(untied, learnable_pairs_file, "ddp", 1), RunOptions(output_dir=tmp_path / "one"), single)
+    fsdp = run_two_ranks(make_spec(untied, learnable_pairs_file, "fsdp", 2), tmp_path / "fsdp")[0]
+    assert fsdp["status"] == "completed"
+    for key in ("losses", "norms"):
+        a, c = steps(fsdp, key), steps({"losses": single.losses, "norms": single.grad_norms}, key)
+        assert sorted(a) == sorted(c) == list(range(1, STEPS + 1))
+        for step in a:
+            assert a[step] == pytest.approx(c[step], rel=RTOL), (key, step)
+    f, s = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "one")
+    assert set(f) == set(s) and "lm_head.weight" in f
+    for name in f:
+        torch.testing.assert_close(f[name], s[name], rtol=RTOL, atol=ATOL_ONE_PROCESS, msg=name)
+    start = model.state_dict()
+    assert not torch.allclose(start["model.embed_tokens.weight"], f["model.embed_tokens.weight"])
 
 
 def test_only_rank0_reads_the_weights_and_fingerprints(runs: dict) -> None:

@@ -69,3 +69,33 @@ def test_local_folder_is_keyed_by_its_bytes(tiny_model_dir: Path, tmp_path: Path
     assert model_fingerprint(ModelSpec(path=str(copy))) != model_fingerprint(
         ModelSpec(path=str(tiny_model_dir))
     )
+
+
+def test_weight_files_are_hashed_in_parallel_and_reread_only_when_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+    import os
+
+    from core import file_digests as digests
+
+    files = [tmp_path / f"model-{i:05d}.safetensors" for i in range(5)]
+    for i, file in enumerate(files):
+        file.write_bytes(os.urandom(1000 + i))
+    reads: list[str] = []
+    real = hashlib.file_digest
+
+    def counted(fh, name):  # type: ignore[no-untyped-def]
+        reads.append(fh.name)
+        return real(fh, name)
+
+    monkeypatch.setattr(digests.hashlib, "file_digest", counted)
+    monkeypatch.setattr(digests, "_memo", {})
+    expected = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert digests.file_digests(files) == expected  # in order, whatever thread finished first
+    assert len(reads) == 5
+    assert digests.file_digests(files) == expected and len(reads) == 5  # unchanged: not read again
+    files[2].write_bytes(b"new weights")
+    changed = digests.file_digests(files)
+    assert changed[2] == hashlib.sha256(b"new weights").hexdigest() and changed[:2] == expected[:2]
+    assert reads[5:] == [str(files[2])]  # only the rewritten file is read again
