@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # core.spec needs pydantic; the scorer must import without it
 LOGPS_CHUNK_SIZE = 1024
 """Completion positions per LM-head chunk by default (TrainingSpec.logps_chunk_size)."""
 
+HEAD_UNIT_METHOD = "completion_logps"
+"""What core.sharding names the method it gives an LM head that is an FSDP unit of its own: the whole
+chunked pass below as one FSDP forward (one gather, and one reduce-scatter as soon as its backward ends)."""
+
 
 @dataclass
 class PairScores:
@@ -82,15 +86,11 @@ class PairScorer(nn.Module):
             )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index)
-
-        def head_logits(states: Tensor) -> Tensor:
-            with autocast(self.compute_dtype, device):
-                return head(states)
-
-        softcap = getattr(lm.config, "final_logit_softcapping", None)
-        token_logps, logit_means = completion_logps(
-            selected, batch.target_ids, head_logits, chunk_size=self.chunk_size, softcap=softcap
-        )
+        own_unit = getattr(head, HEAD_UNIT_METHOD, None)
+        if own_unit is not None:
+            token_logps, logit_means = own_unit(selected, batch.target_ids)
+        else:
+            token_logps, logit_means = self.head_logps(head, selected, batch.target_ids)
         b = batch.num_pairs
         seq_logps = torch.zeros(2 * b, dtype=token_logps.dtype, device=device)
         seq_logps = seq_logps.index_add(0, batch.sequence_index, token_logps)
@@ -99,6 +99,18 @@ class PairScorer(nn.Module):
             per_sequence = torch.zeros(2 * b, dtype=logit_means.dtype, device=device)
             seq_means = per_sequence.index_add(0, batch.sequence_index, logit_means) / counts
         return PairScores(seq_logps[:b], seq_logps[b:], seq_means[:b], seq_means[b:])
+
+    def head_logps(
+        self, head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``completion_logps`` of ``hidden`` through ``head`` in this scorer's chunks and compute precision."""
+
+        def head_logits(states: Tensor) -> Tensor:
+            with autocast(self.compute_dtype, states.device):
+                return head(states)
+
+        softcap = getattr(causal_lm(self.model).config, "final_logit_softcapping", None)
+        return completion_logps(hidden, targets, head_logits, chunk_size=self.chunk_size, softcap=softcap)
 
 
 def scorer_for(model: nn.Module, training: TrainingSpec, device: torch.device | str) -> PairScorer:

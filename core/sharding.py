@@ -3,9 +3,10 @@
 Only rank 0 reads the pretrained weights; the other ranks build the same architecture on the meta
 device (no memory, no file read), every rank shards, and rank 0's full weights and buffers are
 broadcast into the shards (`set_model_state_dict(..., broadcast_from_rank0=True)`). Untied input
-embeddings get a unit of their own (gathered for the forward's first op and the backward's last, sharded
-in between); the LM head stays in the root unit, gathered once per step although core.scoring calls it
-once per log-prob chunk. A tied head shares its weight with the embeddings, so both stay in the root.
+embeddings get a unit of their own, gathered for the forward's first op only (their gradient needs no
+weights), and so does an untied LM head, whose one FSDP forward is the whole chunked log-prob pass
+(core.scoring calls the head once per chunk). A tied head shares its weight with the embeddings, so
+both stay in the root unit, gathered from the forward until the end of the backward.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+import torch.nn.functional as F
 from torch import nn
 
 from core.models import ModelLoadError, causal_lm, lora_config, model_skeleton
 from core.rank_zero import share_from_rank0
-from core.scoring import PairScores
+from core.scoring import HEAD_UNIT_METHOD, PairScorer, PairScores
 
 _PYTREE_REGISTERED = False
 
@@ -65,10 +67,36 @@ def shard_scorer(scorer: nn.Module, device: torch.device | str, dtype: torch.dty
     _register_outputs()
     mesh = init_device_mesh(torch.device(device).type, (torch_dist.get_world_size(),))
     policy = mixed_precision(dtype)
-    for unit in shard_units(getattr(scorer, "model", scorer)):
+    model = getattr(scorer, "model", scorer)
+    lm = causal_lm(model)
+    embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    units = shard_units(model)
+    for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
+        if unit is embeddings:  # a lookup's gradient needs no weights: not gathered again for backward
+            unit.set_unshard_in_backward(False)  # type: ignore[operator]
+    untied = embeddings in units
+    if untied and type(head) is nn.Linear and isinstance(scorer, PairScorer):
+        _shard_head(scorer, head, mesh, policy)
     fully_shard(scorer, mesh=mesh, mp_policy=policy)
     return scorer
+
+
+def _shard_head(scorer: PairScorer, head: nn.Linear, mesh: Any, policy: Any) -> None:
+    """An untied LM head as a unit of its own whose one forward is the scorer's whole chunked log-prob
+    pass (``HEAD_UNIT_METHOD``): gathered once per pass, its gradient reduce-scattered and its weights
+    freed as soon as that pass's backward ends, not held through the decoder's backward in the root."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    fully_shard(head, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+    def completion_logps(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the gathered weights, read at each call (and at each chunk's recompute): not the module's
+        # own forward, whose FSDP hooks would run once per chunk
+        return scorer.head_logps(lambda states: F.linear(states, head.weight, head.bias), hidden, targets)
+
+    setattr(head, HEAD_UNIT_METHOD, completion_logps)
+    register_fsdp_forward_method(head, HEAD_UNIT_METHOD)
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -140,8 +168,9 @@ def reshard_after_no_grad(module: nn.Module) -> None:
     after a pass without backward (reference, eval) the module would otherwise hold the full root
     parameters, which an optimizer built or a state dict taken then would see instead of the shards.
     """
-    if is_sharded(module):
-        module.reshard()  # type: ignore[operator]
+    for unit in module.modules():  # the root, and units that keep their weights after a forward (the head)
+        if is_sharded(unit):
+            unit.reshard()  # type: ignore[operator]
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:

@@ -279,7 +279,10 @@ class Trainer:
             self._checkpoint(s, metrics)
         if self.sharded_saver is not None:  # the last checkpoint is durable and reported before the end
             self.sharded_saver.close()
-        final_dir = self._save_final(s.scorer, s.tokenizer) if status == "completed" else None
+        final_dir = None
+        if status == "completed":
+            s.optimizer.state.clear()  # its moments (2x the weights) are not needed for the final model
+            final_dir = self._save_final(s.scorer, s.tokenizer)
         self.reporter.event(status, f"training {status} at step {loop.step}", {"step": loop.step})
         return TrainResult(status, loop.step, s.total_steps, metrics, eval_metrics, final_dir, s.data.report)
 

@@ -81,6 +81,7 @@ def _sum(tensor: torch.Tensor) -> torch.Tensor:
 def _watch_loading() -> dict[str, Any]:
     """Count this rank's ``from_pretrained`` and fingerprint calls; note what it brings to the broadcast."""
     import torch.distributed.checkpoint.state_dict as dsd
+    from torch.distributed.fsdp import FSDPModule
     from transformers import AutoModelForCausalLM
 
     import core.reference_source
@@ -107,6 +108,7 @@ def _watch_loading() -> dict[str, Any]:
         local = sum(p.to_local().numel() for p in model.parameters())
         full = sum(p.numel() for p in model.parameters())
         seen["broadcasts"].append({"tensors_brought": len(state), "local": local, "full": full})
+        seen["units"] = [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
         return set_state(model, state, **kwargs)
 
     AutoModelForCausalLM.from_pretrained = counted_load
@@ -242,6 +244,9 @@ def test_untied_embeddings_get_their_own_unit_and_train_the_same(
     train(make_spec(untied, learnable_pairs_file, "ddp", 1), RunOptions(output_dir=tmp_path / "one"), single)
     fsdp = run_two_ranks(make_spec(untied, learnable_pairs_file, "fsdp", 2), tmp_path / "fsdp")[0]
     assert fsdp["status"] == "completed"
+    layers = [f"model.model.layers.{i}" for i in range(model.config.num_hidden_layers)]
+    units = fsdp["loading"]["units"]
+    assert units == ["", "model.model.embed_tokens", *layers, "model.lm_head"]  # root first
     for key in ("losses", "norms"):
         a, c = steps(fsdp, key), steps({"losses": single.losses, "norms": single.grad_norms}, key)
         assert sorted(a) == sorted(c) == list(range(1, STEPS + 1))
@@ -265,6 +270,8 @@ def test_only_rank0_reads_the_weights_and_fingerprints(runs: dict) -> None:
     assert bring1["tensors_brought"] == 0 and bring0["tensors_brought"] > 0
     assert bring1["local"] <= bring1["full"] // 2 + 1024  # rank 1 only ever held its half
     assert (zero["fingerprints"], one["fingerprints"]) == (1, 0)
+    layers = [f"model.model.layers.{i}" for i in range(2)]
+    assert zero["units"] == ["", *layers]  # the tied embeddings and head stay in the root unit
     ddp = [r["loading"] for r in runs["ddp"]]  # the counters do count: under DDP every rank loads
     assert [r["from_pretrained"] for r in ddp] == [1, 1]
     assert [r["fingerprints"] for r in ddp] == [1, 0] and ddp[1]["broadcasts"] == []
