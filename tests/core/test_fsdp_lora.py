@@ -154,3 +154,31 @@ def test_fsdp_lora_live_reference_equals_the_precomputed_one(runs: dict) -> None
     assert sorted(steps(live)) == sorted(precomputed)
     for step, loss in steps(live).items():
         assert loss == pytest.approx(precomputed[step], rel=1e-5), step
+
+
+def test_fsdp_lora_on_an_untied_model_with_a_live_reference_equals_one_process(
+    tiny_model_dir: Path, learnable_pairs_file: Path, tmp_path: Path
+) -> None:
+    """LoRA over an untied Llama under FSDP, where the frozen embeddings and head are units of their own and
+    the live reference is the policy with its adapters disabled: the same losses and adapters as one process."""
+    from core.models import make_tiny_model
+    from core.training import RunOptions, train
+    from tests.core.test_fsdp import StepRecorder
+
+    untied = make_tiny_model(tmp_path / "untied", tokenizer=tiny_model_dir, tie_embeddings=False)
+    single = StepRecorder()
+    one_spec = JobSpec.model_validate(
+        {**make_spec(untied, learnable_pairs_file, "ddp", 1).model_dump(), "lora": LORA}
+    )
+    train(one_spec, RunOptions(output_dir=tmp_path / "one"), single)
+    spec = lora_spec(untied, learnable_pairs_file, "fsdp")
+    spec.training.precompute_ref_logps = False
+    [fsdp, _] = run_two_ranks(spec, tmp_path / "fsdp")
+    assert fsdp["loading"]["units"][-1] == "model.base_model.model.lm_head" and fsdp["reference"] == []
+    assert sorted(steps(fsdp)) == sorted(single.losses) == list(range(1, STEPS + 1))
+    for step, loss in steps(fsdp).items():
+        assert loss == pytest.approx(single.losses[step], rel=RTOL), step
+    fa, sa = adapter_weights(tmp_path / "fsdp"), adapter_weights(tmp_path / "one")
+    assert set(fa) == set(sa) and fa
+    for name in fa:
+        torch.testing.assert_close(fa[name], sa[name], rtol=RTOL, atol=1e-5, msg=name)
