@@ -6,6 +6,9 @@ import gzip
 import json
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,30 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data"  # shipped with the repository (examples/data/SOURCES.md)
 HH_FILE = DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 GPT2_FILE = DATA / "tokenizers" / "gpt2" / "tokenizer.json"
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a running process names ``folder`` on its command line (a Ray head's processes do)."""
+    needle = str(folder).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if needle in cmdline.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_local_head_temp_roots() -> Iterator[None]:
+    """The suite's local Ray heads each run under a /tmp/minordpo-ray-<hash> of their own
+    (workers.ray_head.head_temp_root); remove those this session made, once no process uses them."""
+    root, pattern = Path(tempfile.gettempdir()), "minordpo-ray-*"
+    before = set(root.glob(pattern))
+    yield
+    for folder in set(root.glob(pattern)) - before:
+        if not _in_use(folder):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
