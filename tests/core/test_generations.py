@@ -134,11 +134,16 @@ def test_the_final_model_decodes_to_the_last_reported_completions(
     reporter = Generations()
     result = train(spec, RunOptions(output_dir=tmp_path / "run", device="cpu"), reporter)
     assert result.final_model_dir is not None
-    final = ModelSpec(path=str(result.final_model_dir))
+    assert len(reporter.steps[4]) == 2
+    assert_greedy_output_of(result.final_model_dir, reporter.steps[4])
+
+
+def assert_greedy_output_of(model_dir: Path, samples: list[dict]) -> None:
+    """Each sample's completion is the greedy decode (5 tokens, cut at EOS) of the model in ``model_dir``."""
+    final = ModelSpec(path=str(model_dir))
     model, tokenizer = load_model(final, device=CPU).eval(), load_tokenizer(final)
-    for sample in reporter.steps[4]:
-        prompt = tokenizer(sample["prompt"])["input_ids"]
-        expected = manual_greedy(model, prompt, 5)
+    for sample in samples:
+        expected = manual_greedy(model, tokenizer(sample["prompt"])["input_ids"], 5)
         if tokenizer.eos_token_id in expected:
             expected = expected[: expected.index(tokenizer.eos_token_id)]
         assert sample["completion"] == tokenizer.decode(expected, skip_special_tokens=True)
@@ -173,10 +178,5 @@ def test_fsdp_ranks_decode_together_and_report_the_sharded_models_greedy_output(
     ranks = run_two_ranks(spec, tmp_path / "fsdp")
     assert ranks[0]["generations"] == ranks[1]["generations"]
     samples = ranks[0]["generations"]["2"]
-    final = ModelSpec(path=str(tmp_path / "fsdp" / "final"))
-    model, tokenizer = load_model(final, device=CPU).eval(), load_tokenizer(final)
-    for sample in samples:
-        expected = manual_greedy(model, tokenizer(sample["prompt"])["input_ids"], 5)
-        if tokenizer.eos_token_id in expected:
-            expected = expected[: expected.index(tokenizer.eos_token_id)]
-        assert sample["completion"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert len(samples) == 2
+    assert_greedy_output_of(tmp_path / "fsdp" / "final", samples)

@@ -65,8 +65,9 @@ def test_eval_generations_go_to_their_own_callable_and_do_not_count_as_steps() -
     samples = [{"index": 0, "prompt": "p", "chosen": "c", "completion": "x"}]
     fwd({"type": "generations", "step": 7, "samples": samples})
     assert seen == [("g", 7, samples)] and fwd.max_step == 0
-    silent, _ = _collect()
+    silent, quiet = _collect()
     silent({"type": "generations", "step": 7, "samples": samples})  # a driver that stores none
+    assert quiet == [] and silent.max_step == 0  # dropped: not a metric, an event or a step
 
 
 def test_rank_differences_ignore_per_rank_timings() -> None:

@@ -135,9 +135,6 @@ def test_a_head_start_that_fails_is_retried_on_new_ports_and_the_error_quotes_ra
         taken.close()
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.usefixtures("own_ray_token")
 def test_each_local_head_has_its_own_ray_temp_root_unless_the_operator_set_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -153,6 +150,9 @@ def test_each_local_head_has_its_own_ray_temp_root_unless_the_operator_set_one(
     assert ray_head.head_temp_root(tmp_path / "a" / "ray-head.json") == tmp_path / "operator"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.usefixtures("own_ray_token")
 def test_the_cluster_size_reads_the_same_on_the_tested_rays_path_and_the_public_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
