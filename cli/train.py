@@ -15,6 +15,7 @@ from cli.output import err, fail
 from cli.progress import ConsoleReporter
 from cli.specfile import SpecFileError, load_spec
 from core.settings import get_settings
+from workers.conventions import shared_cache_dir
 
 
 def _quiet_libraries() -> None:
@@ -104,7 +105,7 @@ def register(app: typer.Typer) -> None:
         reporter = MultiReporter(ConsoleReporter(err), JsonlReporter(run_dir))
         options = RunOptions(
             output_dir=run_dir,
-            cache_dir=settings.artifacts_dir / "cache",
+            cache_dir=shared_cache_dir(settings.artifacts_dir),
             device=device,
             resume_from="latest" if resume else None,
             allow_remote_code=settings.allow_remote_code,

@@ -19,10 +19,7 @@ from core.data import EncodedPair
 from core.models import causal_lm
 from core.precision import autocast
 from core.sharding import is_sharded, reshard_after_no_grad
-from core.spec import TrainingSpec
-
-MAX_TEXT_CHARS = 4000
-"""Each reported text (prompt, chosen answer, completion) is cut to this many characters."""
+from core.spec import MAX_GENERATION_TEXT_CHARS, TrainingSpec
 
 
 def greedy_decode(
@@ -88,7 +85,7 @@ def _generation_mode(scorer: nn.Module) -> Iterator[None]:
 
 
 def _text(tokenizer: Any, ids: Sequence[int]) -> str:
-    return str(tokenizer.decode(list(ids), skip_special_tokens=True))[:MAX_TEXT_CHARS]
+    return str(tokenizer.decode(list(ids), skip_special_tokens=True))[:MAX_GENERATION_TEXT_CHARS]
 
 
 def eval_generations(
@@ -103,6 +100,8 @@ def eval_generations(
     pad_id, eos_id = int(tokenizer.pad_token_id), tokenizer.eos_token_id
     completions: list[list[int]] = []
     with _generation_mode(scorer), autocast(getattr(scorer, "compute_dtype", torch.float32), device):
+        # training.batch_size prompts at a time: what fits a training step fits their KV cache (under
+        # FSDP each decoded token gathers every layer, so fewer, larger batches would decode faster)
         for start in range(0, len(picked), batch_size):
             completions += greedy_decode(
                 scorer.model,  # type: ignore[arg-type]

@@ -168,8 +168,9 @@ def reshard_after_no_grad(module: nn.Module) -> None:
     after a pass without backward (reference, eval) the module would otherwise hold the full root
     parameters, which an optimizer built or a state dict taken then would see instead of the shards.
     """
-    for unit in module.modules():  # the root, and units that keep their weights after a forward (the head)
-        if is_sharded(unit):
+    head = causal_lm(getattr(module, "model", module)).get_output_embeddings()
+    for unit in (module, head):  # the units that keep their weights after a forward: root, an untied head
+        if unit is not None and is_sharded(unit):
             unit.reshard()  # type: ignore[operator]
 
 

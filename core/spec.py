@@ -18,6 +18,11 @@ from pydantic import (
 from core.data.hub import hub_name, is_hub_dataset
 from core.loss_names import LOSS_NAMES
 
+MAX_EVAL_GENERATIONS = 32
+"""The most eval prompts a job may ask greedy completions of (training.eval_generations)."""
+MAX_GENERATION_TEXT_CHARS = 4000
+"""Each eval generation's prompt, chosen answer and completion are cut to this many characters."""
+
 #: Upper bound of every step and row count in a spec (keeps each integer well inside 64 bits).
 MAX_COUNT = 1_000_000_000
 _JOB_ID = re.compile(r"^job_[0-9A-Za-z]{26}$")
@@ -229,7 +234,7 @@ class TrainingSpec(StrictModel):
     eval_generations: int = Field(
         0,
         ge=0,
-        le=32,
+        le=MAX_EVAL_GENERATIONS,
         description="At each eval, greedy completions of the first N eval prompts, stored per step (0 = off)",
     )
     eval_generation_tokens: int = Field(

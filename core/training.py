@@ -97,10 +97,11 @@ class Trainer:
         # FSDP2 needs a process group; one process without one runs unsharded
         self.fsdp = spec.resources.strategy == "fsdp" and torch.distributed.is_initialized()
         self.dtype = compute_dtype(spec.training.precision, self.device)
-        saver = ShardedSaver(
-            self.checkpoint_root, self.reporter, self.dist, keep=spec.training.keep_checkpoints
+        self.sharded_saver = (
+            ShardedSaver(self.checkpoint_root, self.reporter, self.dist, keep=spec.training.keep_checkpoints)
+            if self.fsdp
+            else None
         )
-        self.sharded_saver = saver if self.fsdp else None
 
     def run(self) -> TrainResult:
         return self.train_loop(self.setup())

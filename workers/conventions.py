@@ -22,3 +22,8 @@ training stack only where this is set."""
 def job_output_dir(artifacts_dir: Path, job_id: str) -> Path:
     """Where the core loop writes a job's checkpoints and final model (final/ in HF format)."""
     return artifacts_dir / "jobs" / job_id
+
+
+def shared_cache_dir(artifacts_dir: Path) -> Path:
+    """The reference log-prob and hub dataset caches, shared by every job and by `minordpo train`."""
+    return artifacts_dir / "cache"

@@ -13,7 +13,7 @@ from pathlib import Path
 from core.data.limits import DataLimits
 from core.settings import Settings
 from core.spec import JobSpec
-from workers.conventions import job_output_dir
+from workers.conventions import job_output_dir, shared_cache_dir
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class LaunchRecord:
     @property
     def cache_dir(self) -> Path:
         """The reference log-prob and hub dataset caches, shared by every job."""
-        return self.artifacts_dir / "cache"
+        return shared_cache_dir(self.artifacts_dir)
 
     @property
     def storage_path(self) -> Path:

@@ -8,27 +8,29 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.spec import MAX_EVAL_GENERATIONS, MAX_GENERATION_TEXT_CHARS
 from core.store.errors import NotFoundError
-from core.store.models import EvalGeneration, Job, utcnow
+from core.store.jobs import job_visible
+from core.store.models import EvalGeneration, utcnow
 from core.store.projects import dialect_insert
 
-MAX_SAMPLES = 32
-MAX_TEXT_CHARS = 4000
 _FIELDS = ("prompt", "chosen", "completion")
 
 
 def _sample(index: int, sample: Mapping[str, Any]) -> dict[str, Any]:
-    return {"index": index, **{k: str(sample.get(k) or "")[:MAX_TEXT_CHARS] for k in _FIELDS}}
+    """A row's sample: the loop's limits enforced again here, since the store takes what a worker sends."""
+    return {"index": index, **{k: str(sample.get(k) or "")[:MAX_GENERATION_TEXT_CHARS] for k in _FIELDS}}
 
 
 def add_generations(session: Session, job_id: str, step: int, samples: Sequence[Mapping[str, Any]]) -> bool:
-    """Record a step's samples (at most MAX_SAMPLES, texts cut to MAX_TEXT_CHARS); returns whether it was new.
+    """Record a step's samples (at most MAX_EVAL_GENERATIONS, texts cut to MAX_GENERATION_TEXT_CHARS);
+    returns whether it was new.
 
     A step reported again (a retried worker) keeps its first samples. Raises NotFoundError.
     """
-    if session.scalar(select(Job.seq).where(Job.id == job_id)) is None:
+    if not job_visible(session, job_id):
         raise NotFoundError(f"job {job_id} not found")
-    rows = [_sample(i, s) for i, s in enumerate(samples[:MAX_SAMPLES])]
+    rows = [_sample(i, s) for i, s in enumerate(samples[:MAX_EVAL_GENERATIONS])]
     inserted = session.scalar(
         dialect_insert(session, EvalGeneration)
         .values(job_id=job_id, step=step, samples=rows, created_at=utcnow())

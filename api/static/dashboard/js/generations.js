@@ -4,7 +4,7 @@
 import { api } from "./api.js";
 import { h } from "./util.js";
 
-const REFRESH_MS = 15000; // at most one fetch per 15 s while metric rows stream in
+const REFRESH_MS = 15000; // after an eval step's metrics: its decode and the stored row come after them
 
 export function generationsPanel(jobId) {
   let alive = true;

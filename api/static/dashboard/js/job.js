@@ -131,7 +131,8 @@ export function renderJob(main, jobId) {
       if (message.type === "metrics") {
         for (const chart of charts) chart.addRow(message.step, message.values);
         refreshSoon();
-        generations.refreshSoon();
+        // generations are stored at eval steps only, right after that step's eval metrics
+        if (Object.keys(message.values || {}).some((k) => k.startsWith("eval/"))) generations.refreshSoon();
         return;
       }
       logEvent(message);
