@@ -21,10 +21,15 @@ from memory_scale import _rss_mib as _proc_mib
 
 
 def shapes() -> list[tuple[int, ...]]:
-    """The parameter shapes of the Llama in memory_scale.py (tied embedding/head counted once)."""
-    d, m, layers = DIMS["hidden_size"], DIMS["intermediate_size"], DIMS["num_hidden_layers"]
-    layer = [(d, d)] * 4 + [(m, d), (m, d), (d, m)] + [(d,), (d,)]
-    return [(VOCAB, d), *layer * layers, (d,)]
+    """The parameter shapes of the Llama in memory_scale.py (tied embedding/head counted once), built on meta."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    head_dim = DIMS["hidden_size"] // DIMS["num_attention_heads"]
+    config = LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=True, head_dim=head_dim, **DIMS)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return [tuple(p.shape) for p in model.parameters()]
 
 
 def child(kernel: str, steps: int) -> dict[str, float]:

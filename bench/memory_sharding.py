@@ -122,10 +122,48 @@ def write_pairs(path: Path, count: int, max_length: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def rank_env() -> dict[str, str]:
+    """The ranks' environment: fresh processes (glibc reads the mmap threshold at start-up, so RSS follows
+    live tensors), one torch thread, nothing from the hub."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    return env | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_spec(
+    model: Path,
+    data: Path,
+    strategy: str,
+    checkpointing: bool,
+    batch: int,
+    max_length: int,
+    steps: int,
+    chunk: int | None,
+) -> dict[str, Any]:
+    """The job spec each configuration runs: sigmoid loss, fp32, one metrics row per step."""
+    return {
+        "name": "memory-sharding",
+        "model": str(model),
+        "dataset": {"train": str(data)},
+        "loss": {"type": "sigmoid", "beta": 0.1},
+        "resources": {"num_workers": WORLD, "strategy": strategy},
+        "training": {
+            "batch_size": batch,
+            "max_length": max_length,
+            "max_steps": steps,
+            "learning_rate": 1e-5,
+            "log_every": 1,
+            "precision": "fp32",
+            "gradient_checkpointing": checkpointing,
+            **({"logps_chunk_size": chunk} if chunk else {}),
+        },
+    }
+
+
 def run_config(
-    spec: dict[str, Any], run_dir: Path, env: dict[str, str], timeout: float
+    spec: dict[str, Any], run_dir: Path, env: dict[str, str], timeout: float, script: str = __file__
 ) -> list[dict[str, Any]]:
-    """Both ranks as fresh processes; their result rows, rank 0 first."""
+    """Both ranks as fresh processes of ``script`` (``--rank``, ``--port``, ``--run-dir``); their result
+    rows (``rank<N>.json``), rank 0 first."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     (run_dir / "spec.json").write_text(json.dumps(spec))
@@ -134,7 +172,7 @@ def run_config(
         port = s.getsockname()[1]
     procs = []
     for rank in range(WORLD):
-        cmd = [sys.executable, __file__, "--rank", str(rank), "--port", str(port), "--run-dir", str(run_dir)]
+        cmd = [sys.executable, script, "--rank", str(rank), "--port", str(port), "--run-dir", str(run_dir)]
         with (run_dir / f"rank{rank}.log").open("w") as log:
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
@@ -204,9 +242,7 @@ def main() -> None:
         "logps_chunk_size": args.chunk,
         "rows": rows,
     }
-    # fresh processes: glibc reads the mmap threshold at start-up, so RSS follows live tensors
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = rank_env()
     print(
         f"{params_m:.1f}M parameters, max_length {args.max_length}, batch {args.batch}/rank, {args.steps} steps"
     )
@@ -216,23 +252,9 @@ def main() -> None:
     modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.checkpointing]
     for checkpointing in modes:
         for strategy in ("ddp", "fsdp"):
-            spec = {
-                "name": "memory-sharding",
-                "model": str(model),
-                "dataset": {"train": str(data)},
-                "loss": {"type": "sigmoid", "beta": 0.1},
-                "resources": {"num_workers": WORLD, "strategy": strategy},
-                "training": {
-                    "batch_size": args.batch,
-                    "max_length": args.max_length,
-                    "max_steps": args.steps,
-                    "learning_rate": 1e-5,
-                    "log_every": 1,
-                    "precision": "fp32",
-                    "gradient_checkpointing": checkpointing,
-                    **({"logps_chunk_size": args.chunk} if args.chunk else {}),
-                },
-            }
+            spec = run_spec(
+                model, data, strategy, checkpointing, args.batch, args.max_length, args.steps, args.chunk
+            )
             run_dir = work / f"{strategy}-{'ckpt' if checkpointing else 'nockpt'}"
             for rank, row in enumerate(run_config(spec, run_dir, env, args.timeout)):
                 rows.append(

@@ -12,10 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -111,13 +107,14 @@ def rank(rank_id: int, port: int, run_dir: Path) -> None:
             return out
 
         core.sharding.shard_scorer = shard_and_label
-        ms.rank_main(rank_id, port, run_dir / "spec.json", run_dir)
-    (run_dir / f"phases{rank_id}.json").write_text(json.dumps(sampler.segments))
+        values = ms.rank_main(rank_id, port, run_dir / "spec.json", run_dir)
+    (run_dir / f"rank{rank_id}.json").write_text(json.dumps({**values, "phases": sampler.segments}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--untied", action="store_true", help="the LM head with its own weight")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds for the run")
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -127,37 +124,12 @@ def main() -> None:
         return
     model, params_m = ms.save_model(ms.DIMS, tied=not args.untied)
     work = ms.OUT / ("memory_step_trace-untied" if args.untied else "memory_step_trace")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     steps, batch, max_length = 3, 2, 512
     ms.write_pairs(work / "pairs.jsonl", steps * batch * ms.WORLD, max_length)
-    spec = {
-        "name": "memory-step-trace",
-        "model": str(model),
-        "dataset": {"train": str(work / "pairs.jsonl")},
-        "loss": {"type": "sigmoid", "beta": 0.1},
-        "resources": {"num_workers": ms.WORLD, "strategy": "fsdp"},
-        "training": {
-            "batch_size": batch, "max_length": max_length, "max_steps": steps, "learning_rate": 1e-5,
-            "log_every": 1, "precision": "fp32", "gradient_checkpointing": True, "logps_chunk_size": 128,
-        },
-    }  # fmt: skip
-    (work / "spec.json").write_text(json.dumps(spec))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ms.REPO),
-        "MALLOC_MMAP_THRESHOLD_": "65536",
-        "OMP_NUM_THREADS": "1",
-    }
-    env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, __file__, "--port", str(port), "--run-dir", str(work)]
-    procs = [subprocess.Popen([*cmd, "--rank", str(r)], env=env) for r in range(ms.WORLD)]
-    if any(p.wait() for p in procs):
-        raise SystemExit("a rank failed")
-    segments = json.loads((work / "phases0.json").read_text())
+    spec = ms.run_spec(model, work / "pairs.jsonl", "fsdp", True, batch, max_length, steps, 128)
+    rows = ms.run_config(spec, work / "fsdp-ckpt", ms.rank_env(), args.timeout, script=__file__)
+    segments = rows[0]["phases"]
     ends = [i for i, (phase, _) in enumerate(segments) if phase == "after optimizer step"]
     last = segments[ends[-2] + 1 : ends[-1] + 1]
     print(f"{params_m:.1f}M parameters; rank 0's last step, largest RSS sampled per phase (MiB):")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +22,9 @@ def free_port() -> int:
     return listen_ports(1)[0]
 
 
-def service_env(root: Path, port: int, allowed: list[Path], concurrent: int, ray_tmp: Path) -> dict[str, str]:
-    """The child's environment: state under `root`, `concurrent` jobs at once on a local Ray head whose
-    temp folder is `ray_tmp`: a Ray job's driver joins the cluster named in its temp folder's
-    ray_current_cluster, which in the shared /tmp/ray names whichever head on this host started last."""
+def service_env(root: Path, port: int, allowed: list[Path], concurrent: int) -> dict[str, str]:
+    """The child's environment: state under `root`, `concurrent` jobs at once on a local Ray head of its
+    own (the service gives each head state file its own Ray temp folder, workers.ray_head)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINORDPO_")}
     env.update(
         MINORDPO_DATABASE_URL=f"sqlite:///{root / 'db.sqlite'}",
@@ -39,7 +36,6 @@ def service_env(root: Path, port: int, allowed: list[Path], concurrent: int, ray
         MINORDPO_MAX_CONCURRENT_JOBS=str(concurrent),
         MINORDPO_DISPATCH_INTERVAL_S="0.5",
         PYTHONPATH=str(REPO),
-        RAY_TMPDIR=str(ray_tmp),
     )
     return env
 
@@ -75,12 +71,11 @@ def running_service(root: Path, allowed: list[Path], concurrent: int) -> Iterato
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = root / "serve.log"
-    ray_tmp = Path(tempfile.mkdtemp(prefix="mds-", dir="/tmp"))  # short: Ray's socket paths live under it
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve"],
             cwd=root,
-            env=service_env(root, port, allowed, concurrent, ray_tmp),
+            env=service_env(root, port, allowed, concurrent),
             stdout=out,
             stderr=out,
             start_new_session=True,  # Ctrl-C reaches this script only; it stops the service in order
@@ -91,4 +86,3 @@ def running_service(root: Path, allowed: list[Path], concurrent: int) -> Iterato
         yield url
     finally:
         stop(proc)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
