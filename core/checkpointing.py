@@ -132,7 +132,11 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """The optimizer/scheduler/loop/RNG state saved beside a checkpoint's model."""
-    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    """The optimizer/scheduler/loop/RNG state saved beside a checkpoint's model.
+
+    The file is memory-mapped (copy-on-write): its tensors (a DDP checkpoint's full optimizer state) are
+    read from the page cache, which the ranks of a node share, as they are used, not copied on load.
+    """
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
     state["loop"] = LoopState(**state["loop"])
     return state

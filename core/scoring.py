@@ -31,8 +31,9 @@ LOGPS_CHUNK_SIZE = 1024
 """Completion positions per LM-head chunk by default (TrainingSpec.logps_chunk_size)."""
 
 HEAD_UNIT_METHOD = "completion_logps"
-"""What core.sharding names the method it gives an LM head that is an FSDP unit of its own: the whole
-chunked pass below as one FSDP forward (one gather, and one reduce-scatter as soon as its backward ends)."""
+"""What core.sharding names the method it gives a sharded LM head, called instead of the chunked pass
+below: a head sharded by vocabulary rows runs its own (core.vocab_sharding); a head that is an FSDP unit
+of its own runs the pass below as one FSDP forward (one gather, one reduce-scatter when its backward ends)."""
 
 
 @dataclass

@@ -2,11 +2,14 @@
 
 Only rank 0 reads the pretrained weights; the other ranks build the same architecture on the meta
 device (no memory, no file read), every rank shards, and rank 0's full weights and buffers are
-broadcast into the shards (`set_model_state_dict(..., broadcast_from_rank0=True)`). Untied input
-embeddings get a unit of their own, gathered for the forward's first op only (their gradient needs no
-weights), and so does an untied LM head, whose one FSDP forward is the whole chunked log-prob pass
-(core.scoring calls the head once per chunk). A tied head shares its weight with the embeddings, so
-both stay in the root unit, gathered from the forward until the end of the backward.
+broadcast into the shards (`set_model_state_dict(..., broadcast_from_rank0=True)`).
+
+The input embeddings and LM head (tied or not) are sharded by vocabulary rows (core.vocab_sharding):
+never gathered, FSDP ignores them. Where a model's are not plain ``nn.Embedding``/bias-free
+``nn.Linear``, they are FSDP units instead: untied input embeddings get a unit of their own, gathered
+for the forward's first op only (their gradient needs no weights), and so does an untied LM head, whose
+one FSDP forward is the whole chunked log-prob pass (core.scoring calls the head once per chunk); a
+tied pair stays in the root unit, gathered from the forward until the end of the backward.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 from core.models import ModelLoadError, causal_lm, lora_config, model_skeleton
 from core.rank_zero import share_from_rank0
 from core.scoring import HEAD_UNIT_METHOD, PairScorer, PairScores
+from core.vocab_sharding import VocabShardedEmbedding, VocabShardedHead, shard_vocabulary, vocab_shardable
 
 _PYTREE_REGISTERED = False
 
@@ -69,6 +73,11 @@ def shard_scorer(scorer: nn.Module, device: torch.device | str, dtype: torch.dty
     policy = mixed_precision(dtype)
     model = getattr(scorer, "model", scorer)
     lm = causal_lm(model)
+    ignored: set[nn.Parameter] = set()
+    if vocab_shardable(lm, torch_dist.get_world_size()):
+        ignored = shard_vocabulary(lm, mesh, torch.bfloat16 if dtype == torch.bfloat16 else None)
+        if isinstance(scorer, PairScorer) and isinstance(lm.get_output_embeddings(), VocabShardedHead):
+            _route_head(scorer, lm.get_output_embeddings())
     embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     units = shard_units(model)
     for unit in units:
@@ -78,8 +87,18 @@ def shard_scorer(scorer: nn.Module, device: torch.device | str, dtype: torch.dty
     untied = embeddings in units
     if untied and type(head) is nn.Linear and isinstance(scorer, PairScorer):
         _shard_head(scorer, head, mesh, policy)
-    fully_shard(scorer, mesh=mesh, mp_policy=policy)
+    fully_shard(scorer, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
     return scorer
+
+
+def _route_head(scorer: PairScorer, head: VocabShardedHead) -> None:
+    """The scorer's log-prob pass goes through the vocabulary-sharded head's own chunked ``logps``."""
+    softcap = getattr(causal_lm(scorer.model).config, "final_logit_softcapping", None)
+
+    def completion_logps(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return head.logps(hidden, targets, chunk_size=scorer.chunk_size, softcap=softcap)
+
+    setattr(head, HEAD_UNIT_METHOD, completion_logps)
 
 
 def _shard_head(scorer: PairScorer, head: nn.Linear, mesh: Any, policy: Any) -> None:
@@ -100,11 +119,13 @@ def _shard_head(scorer: PairScorer, head: nn.Linear, mesh: Any, policy: Any) -> 
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The modules that get an FSDP unit below the root: untied input embeddings, then each decoder layer."""
+    """The modules that get an FSDP unit below the root: untied input embeddings that are not sharded by
+    vocabulary rows, then each decoder layer."""
     lm = causal_lm(model)
     embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     tied = head is not None and head.weight is embeddings.weight
-    return ([] if tied else [embeddings]) + decoder_layers(model)
+    own_unit = not tied and not isinstance(embeddings, VocabShardedEmbedding)
+    return ([embeddings] if own_unit else []) + decoder_layers(model)
 
 
 def load_sharded_scorer(

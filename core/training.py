@@ -119,6 +119,9 @@ class Trainer:
         allow_tf32_for_fp32(self.dtype, self.device)
 
         checkpoint = self._resume_checkpoint()
+        saved = load_trainer_state(checkpoint) if checkpoint else None  # memory-mapped, see there
+        if saved is not None:  # a resume that cannot continue the data's order is refused before any load
+            check_resume_position(saved["loop"], dist.world_size, t.batch_size)
         moved = checkpoint is not None and not is_sharded_checkpoint(checkpoint)  # weights not pretrained
         if self.fsdp:
             # rank 0 reads the weights into CPU memory, each layer goes to the device as it is sharded;
@@ -144,7 +147,7 @@ class Trainer:
             )
         total_steps = t.max_steps or t.epochs * math.ceil(plan.num_batches() / t.grad_accum_steps)
         scheduler = build_scheduler(optimizer, t, total_steps)
-        loop = self._restore(checkpoint, scorer, optimizer, scheduler) if checkpoint else LoopState()
+        loop = self._restore(checkpoint, saved, scorer, optimizer, scheduler) if saved else LoopState()
         loop.world_size, loop.batch_size = dist.world_size, t.batch_size
         precision: Literal["bf16", "fp32"] = "bf16" if self.dtype == torch.bfloat16 else "fp32"
         return RunSetup(
@@ -225,9 +228,9 @@ class Trainer:
             reporter=self.reporter,
         )
 
-    def _restore(self, checkpoint: Path, scorer: PairScorer, optimizer: Any, scheduler: Any) -> LoopState:
-        state = load_trainer_state(checkpoint)
-        check_resume_position(state["loop"], self.dist.world_size, self.spec.training.batch_size)
+    def _restore(
+        self, checkpoint: Path, state: dict, scorer: Any, optimizer: Any, scheduler: Any
+    ) -> LoopState:
         if state.get("sharded"):  # onto any world size, sharded or not
             load_sharded_state(checkpoint, scorer, optimizer)
         elif self.fsdp:  # a DDP checkpoint: its full optimizer state, sliced for each rank

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 
 from core.data import prepare_data
 from core.estimate import plan_steps
@@ -19,6 +16,7 @@ from core.reporting import NullReporter
 from core.spec import JobSpec
 from core.training import Distributed, RunOptions, train
 from tests.conftest import GPT2_FILE
+from tests.core.gloo_ranks import all_reduce_sum, spawn_gloo
 
 # 21 pairs of mixed lengths: with 2 ranks × 2 pairs a step leaves one pair over, which each epoch drops.
 PAIRS = [
@@ -39,27 +37,16 @@ class Tokens(NullReporter):
         self.num_tokens = values.get("num_tokens", self.num_tokens)
 
 
-def _sum(tensor: torch.Tensor) -> torch.Tensor:
-    buf = tensor.detach().to(torch.float64).clone()
-    torch_dist.all_reduce(buf)
-    return buf.to(tensor.dtype)
-
-
-def _rank_main(rank: int, port: int, spec_json: str, out: str) -> None:
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        recorder = Tokens()
-        wrap = torch.nn.parallel.DistributedDataParallel
-        result = train(
-            JobSpec.model_validate_json(spec_json),
-            RunOptions(output_dir=Path(out)),
-            recorder,
-            Distributed(rank, 2, _sum, wrap),
-        )
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps([result.total_steps, recorder.num_tokens]))
-    finally:
-        torch_dist.destroy_process_group()
+def _rank_main(rank: int, spec_json: str, out: str) -> None:
+    recorder = Tokens()
+    wrap = torch.nn.parallel.DistributedDataParallel
+    result = train(
+        JobSpec.model_validate_json(spec_json),
+        RunOptions(output_dir=Path(out)),
+        recorder,
+        Distributed(rank, 2, all_reduce_sum, wrap),
+    )
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps([result.total_steps, recorder.num_tokens]))
 
 
 def test_two_ranks_consume_the_estimated_tokens(tmp_path: Path) -> None:
@@ -79,10 +66,7 @@ def test_two_ranks_consume_the_estimated_tokens(tmp_path: Path) -> None:
     plan = plan_steps([p.length for p in prepared.train], [pair_width(p) for p in prepared.train], spec)
     assert plan.exact and plan.steps == 12 and plan.steps_per_epoch == 5
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, (port, spec.model_dump_json(), str(tmp_path / "run")), nprocs=2, join=True)
+    spawn_gloo(_rank_main, spec.model_dump_json(), str(tmp_path / "run"))
     for rank in range(2):
         steps, num_tokens = json.loads((tmp_path / "run" / f"rank{rank}.json").read_text())
         assert (steps, int(num_tokens)) == (plan.steps, plan.total_tokens)

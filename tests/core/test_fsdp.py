@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import core.sharding
 from core.checkpointing import is_sharded_checkpoint
 from core.models import load_model, make_tiny_model
 from core.reporting import NullReporter
 from core.sharding import decoder_layers, shard_units
 from core.spec import JobSpec
 from core.training import Distributed, RunOptions, TrainingError, train
+from core.vocab_sharding import VocabShardedEmbedding, VocabShardedHead
+from tests.core.gloo_ranks import all_reduce_sum, spawn_gloo
 
 STEPS = 4
 # fp32 on CPU: DDP all-reduces gradients, FSDP reduce-scatters them, one process sums them in one go;
@@ -72,12 +72,6 @@ def make_spec(model: Path, data: Path, strategy: str, num_workers: int) -> JobSp
     )
 
 
-def _sum(tensor: torch.Tensor) -> torch.Tensor:
-    buf = tensor.detach().to(torch.float64).clone()
-    torch_dist.all_reduce(buf)
-    return buf.to(tensor.dtype)
-
-
 def _watch_loading() -> dict[str, Any]:
     """Count this rank's ``from_pretrained`` and fingerprint calls; note what it brings to the broadcast."""
     import torch.distributed.checkpoint.state_dict as dsd
@@ -85,7 +79,6 @@ def _watch_loading() -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import core.reference_source
-    import core.sharding
 
     seen: dict[str, Any] = {"from_pretrained": 0, "fingerprints": 0, "broadcasts": [], "skeletons": []}
     load, fingerprint = AutoModelForCausalLM.from_pretrained, core.reference_source.model_fingerprint
@@ -109,6 +102,8 @@ def _watch_loading() -> dict[str, Any]:
         full = sum(p.numel() for p in model.parameters())
         seen["broadcasts"].append({"tensors_brought": len(state), "local": local, "full": full})
         seen["units"] = [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+        by_rows = (VocabShardedEmbedding, VocabShardedHead)
+        seen["vocab_rows"] = [name for name, m in model.named_modules() if isinstance(m, by_rows)]
         return set_state(model, state, **kwargs)
 
     AutoModelForCausalLM.from_pretrained = counted_load
@@ -120,43 +115,39 @@ def _watch_loading() -> dict[str, Any]:
 
 def _rank_main(
     rank: int,
-    port: int,
     spec_json: str,
     out: str,
     stop_after: int | None,
     resume: bool,
     caches: list[str] | None,
     world_size: int,
+    vocab_rows: bool,
 ) -> None:
-    torch.set_num_threads(1)
-    init = f"tcp://127.0.0.1:{port}"
-    torch_dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
-    try:
-        loading = _watch_loading()
-        spec = JobSpec.model_validate_json(spec_json)
-        wrap = None
-        if spec.resources.strategy == "ddp":
-            wrap = torch.nn.parallel.DistributedDataParallel  # what Ray's prepare_model does on CPU
-        rec = StepRecorder()
-        options = RunOptions(
-            output_dir=Path(out),
-            resume_from="latest" if resume else None,
-            cache_dir=Path(caches[rank]) if caches else None,
-            should_stop=(lambda: max(rec.losses, default=0) >= stop_after) if stop_after else None,
-        )
-        result = train(spec, options, rec, Distributed(rank, world_size, _sum, wrap))
-        summary = {
-            "status": result.status,
-            "step": result.step,
-            "losses": rec.losses,
-            "norms": rec.grad_norms,
-            "loading": loading,
-            "reference": rec.reference,
-            "generations": rec.samples,
-        }
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))
-    finally:
-        torch_dist.destroy_process_group()
+    if not vocab_rows:  # the FSDP-unit path for embeddings and head that row sharding cannot take
+        core.sharding.vocab_shardable = lambda lm, world_size: False
+    loading = _watch_loading()
+    spec = JobSpec.model_validate_json(spec_json)
+    wrap = None
+    if spec.resources.strategy == "ddp":
+        wrap = torch.nn.parallel.DistributedDataParallel  # what Ray's prepare_model does on CPU
+    rec = StepRecorder()
+    options = RunOptions(
+        output_dir=Path(out),
+        resume_from="latest" if resume else None,
+        cache_dir=Path(caches[rank]) if caches else None,
+        should_stop=(lambda: max(rec.losses, default=0) >= stop_after) if stop_after else None,
+    )
+    result = train(spec, options, rec, Distributed(rank, world_size, all_reduce_sum, wrap))
+    summary = {
+        "status": result.status,
+        "step": result.step,
+        "losses": rec.losses,
+        "norms": rec.grad_norms,
+        "loading": loading,
+        "reference": rec.reference,
+        "generations": rec.samples,
+    }
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))
 
 
 def run_two_ranks(
@@ -167,20 +158,14 @@ def run_two_ranks(
     resume: bool = False,
     caches: list[Path] | None = None,
     ranks: int = 2,
+    vocab_rows: bool = True,
 ) -> list[dict]:
     """Run ``spec`` on 2 (``ranks``) gloo ranks; ``caches``: one reference-cache folder per rank (default:
-    a shared one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    a shared one); ``vocab_rows`` False: embeddings and head as FSDP units, not sharded by rows."""
     out.mkdir(parents=True, exist_ok=True)
     cache_dirs = [str(c) for c in caches] if caches else None
-    mp.spawn(
-        _rank_main,
-        (port, spec.model_dump_json(), str(out), stop_after, resume, cache_dirs, ranks),
-        nprocs=ranks,
-        join=True,
-    )
+    args = (spec.model_dump_json(), str(out), stop_after, resume, cache_dirs, ranks, vocab_rows)
+    spawn_gloo(_rank_main, *args, ranks=ranks)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
@@ -222,6 +207,10 @@ def test_fsdp_equals_ddp_and_one_process(runs: dict, tiny_model_dir: Path) -> No
             assert a[step] == pytest.approx(b[step], rel=RTOL), (key, step)
             assert a[step] == pytest.approx(c[step], rel=RTOL), (key, step)
     assert steps(runs["fsdp"][1]) == steps(fsdp)  # both ranks report the reduced loss
+    depth = load_model(str(tiny_model_dir)).config.num_hidden_layers
+    layers = [f"model.model.layers.{i}" for i in range(depth)]
+    assert fsdp["loading"]["units"] == ["", *layers]  # the tied pair: one row-sharded weight, no unit
+    assert fsdp["loading"]["vocab_rows"] == ["model.model.embed_tokens", "model.lm_head"]
     f, d, s = final_weights(root / "fsdp"), final_weights(root / "ddp"), final_weights(root / "one")
     assert set(f) == set(s)
     start = load_model(str(tiny_model_dir)).state_dict()
@@ -231,33 +220,39 @@ def test_fsdp_equals_ddp_and_one_process(runs: dict, tiny_model_dir: Path) -> No
     assert any(not torch.allclose(start[k], f[k]) for k in f)  # the weights really moved
 
 
-def test_untied_embeddings_get_their_own_unit_and_train_the_same(
+def test_untied_embeddings_and_head_by_rows_or_as_units_train_the_same(
     tiny_model_dir: Path, learnable_pairs_file: Path, tmp_path: Path
 ) -> None:
-    """An untied Llama (as Llama 3 8B/70B): the input embeddings are an FSDP unit of their own, sharded
-    between the forward's first op and the backward's last; 2 fsdp ranks still equal one process."""
+    """An untied Llama (as Llama 3 8B/70B). Its embeddings and head are sharded by vocabulary rows (no
+    FSDP unit); where they cannot be (forced here), each is an FSDP unit of its own. Either way 2 fsdp
+    ranks equal one process."""
     untied = make_tiny_model(tmp_path / "untied", tokenizer=tiny_model_dir, tie_embeddings=False)
     model, tied = load_model(str(untied)), load_model(str(tiny_model_dir))
     assert shard_units(model) == [model.get_input_embeddings(), *decoder_layers(model)]
     assert shard_units(tied) == decoder_layers(tied)  # a tied head keeps its weight in the root unit
     single = StepRecorder()
     train(make_spec(untied, learnable_pairs_file, "ddp", 1), RunOptions(output_dir=tmp_path / "one"), single)
-    fsdp = run_two_ranks(make_spec(untied, learnable_pairs_file, "fsdp", 2), tmp_path / "fsdp")[0]
-    assert fsdp["status"] == "completed"
     layers = [f"model.model.layers.{i}" for i in range(model.config.num_hidden_layers)]
-    units = fsdp["loading"]["units"]
-    assert units == ["", "model.model.embed_tokens", *layers, "model.lm_head"]  # root first
-    for key in ("losses", "norms"):
-        a, c = steps(fsdp, key), steps({"losses": single.losses, "norms": single.grad_norms}, key)
-        assert sorted(a) == sorted(c) == list(range(1, STEPS + 1))
-        for step in a:
-            assert a[step] == pytest.approx(c[step], rel=RTOL), (key, step)
-    f, s = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "one")
-    assert set(f) == set(s) and "lm_head.weight" in f
-    for name in f:
-        torch.testing.assert_close(f[name], s[name], rtol=RTOL, atol=ATOL_ONE_PROCESS, msg=name)
+    ends = ["model.model.embed_tokens", "model.lm_head"]
+    expected = {True: (["", *layers], ends), False: (["", ends[0], *layers, ends[1]], [])}  # root first
     start = model.state_dict()
-    assert not torch.allclose(start["model.embed_tokens.weight"], f["model.embed_tokens.weight"])
+    for vocab_rows, (units, by_rows) in expected.items():
+        run = tmp_path / f"fsdp-rows-{vocab_rows}"
+        spec = make_spec(untied, learnable_pairs_file, "fsdp", 2)
+        fsdp = run_two_ranks(spec, run, vocab_rows=vocab_rows)[0]
+        assert fsdp["status"] == "completed"
+        assert (fsdp["loading"]["units"], fsdp["loading"]["vocab_rows"]) == (units, by_rows)
+        for key in ("losses", "norms"):
+            a, c = steps(fsdp, key), steps({"losses": single.losses, "norms": single.grad_norms}, key)
+            assert sorted(a) == sorted(c) == list(range(1, STEPS + 1))
+            for step in a:
+                assert a[step] == pytest.approx(c[step], rel=RTOL), (vocab_rows, key, step)
+        f, s = final_weights(run), final_weights(tmp_path / "one")
+        assert set(f) == set(s) and "lm_head.weight" in f
+        for name in f:
+            torch.testing.assert_close(f[name], s[name], rtol=RTOL, atol=ATOL_ONE_PROCESS, msg=name)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert not torch.allclose(start[name], f[name]), name
 
 
 def test_only_rank0_reads_the_weights_and_fingerprints(runs: dict) -> None:
@@ -341,10 +336,10 @@ def resume_in_process(spec: JobSpec, checkpoints: Path, out: Path) -> dict:
     return {"status": result.status, "losses": rec.losses}
 
 
-def test_two_rank_sharded_checkpoint_resumes_on_one_rank(runs: dict) -> None:
+def test_two_rank_sharded_checkpoint_resumes_on_one_rank(runs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Written by 2 FSDP ranks of 2 pairs, resumed by 1 rank of 4 (the same pairs per step, so the same
     place in the data): on 1 FSDP rank (DCP reshards) and in one process without sharding; with other
-    pairs per step the resume is refused, naming both."""
+    pairs per step the resume is refused, naming both, before any model is loaded."""
     root, model, data = runs["root"], runs["model"], runs["data"]
     first = run_two_ranks(runs["fsdp_spec"], root / "resize", stop_after=2)
     assert first[0]["step"] == 2
@@ -357,6 +352,11 @@ def test_two_rank_sharded_checkpoint_resumes_on_one_rank(runs: dict) -> None:
     assert_close_to_straight(runs["fsdp"][0], unsharded, root / "fsdp", root / "resize-unsharded")
     fewer = make_spec(model, data, "ddp", 1)  # 1 rank of 2 pairs: the global steps are other sets of pairs
     fewer.training.batch_size = 2
+
+    def no_model(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded before the resume was refused")
+
+    monkeypatch.setattr("core.training.Trainer._load_policy", no_model)
     with pytest.raises(TrainingError) as raised:
         resume_in_process(fewer, checkpoints, root / "resize-refused")
     assert raised.value.code == "resume_batch_mismatch"

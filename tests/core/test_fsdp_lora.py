@@ -159,8 +159,9 @@ def test_fsdp_lora_live_reference_equals_the_precomputed_one(runs: dict) -> None
 def test_fsdp_lora_on_an_untied_model_with_a_live_reference_equals_one_process(
     tiny_model_dir: Path, learnable_pairs_file: Path, tmp_path: Path
 ) -> None:
-    """LoRA over an untied Llama under FSDP, where the frozen embeddings and head are units of their own and
-    the live reference is the policy with its adapters disabled: the same losses and adapters as one process."""
+    """LoRA over an untied Llama under FSDP, where the frozen embeddings and head are sharded by vocabulary
+    rows and the live reference is the policy with its adapters disabled: the same losses and adapters as
+    one process."""
     from core.models import make_tiny_model
     from core.training import RunOptions, train
     from tests.core.test_fsdp import StepRecorder
@@ -174,7 +175,8 @@ def test_fsdp_lora_on_an_untied_model_with_a_live_reference_equals_one_process(
     spec = lora_spec(untied, learnable_pairs_file, "fsdp")
     spec.training.precompute_ref_logps = False
     [fsdp, _] = run_two_ranks(spec, tmp_path / "fsdp")
-    assert fsdp["loading"]["units"][-1] == "model.base_model.model.lm_head" and fsdp["reference"] == []
+    by_rows = ["model.base_model.model.model.embed_tokens", "model.base_model.model.lm_head"]
+    assert fsdp["loading"]["vocab_rows"] == by_rows and fsdp["reference"] == []
     assert sorted(steps(fsdp)) == sorted(single.losses) == list(range(1, STEPS + 1))
     for step, loss in steps(fsdp).items():
         assert loss == pytest.approx(single.losses[step], rel=RTOL), step

@@ -5,20 +5,19 @@ moment the save started."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from core.checkpointing import STATE_FILE, LoopState, list_checkpoints, load_trainer_state
 from core.reporting import NullReporter
 from core.run_context import Distributed
 from core.sharded_checkpoint import ShardedSaver, load_sharded_state
+from tests.core.gloo_ranks import all_reduce_sum, spawn_gloo
 
 
 class Toy(nn.Module):
@@ -63,69 +62,56 @@ def full(toy: Toy, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return values
 
 
-def _sum(tensor: torch.Tensor) -> torch.Tensor:
-    torch_dist.all_reduce(tensor)
-    return tensor
-
-
-def _rank(rank: int, port: int, root: str) -> None:
+def _rank(rank: int, root: str) -> None:
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        release, write = threading.Event(), FileSystemWriter.write_data
+    release, write = threading.Event(), FileSystemWriter.write_data
 
-        def held_write(self: Any, *args: Any, **kwargs: Any) -> Any:
-            assert release.wait(60), "the test never released the write"
-            return write(self, *args, **kwargs)
+    def held_write(self: Any, *args: Any, **kwargs: Any) -> Any:
+        assert release.wait(60), "the test never released the write"
+        return write(self, *args, **kwargs)
 
-        FileSystemWriter.write_data = held_write  # type: ignore[method-assign]
-        toy, optimizer = sharded_toy()
+    FileSystemWriter.write_data = held_write  # type: ignore[method-assign]
+    toy, optimizer = sharded_toy()
+    train_step(toy, optimizer)
+    at_save = full(toy, optimizer)
+    reporter = Saved()
+    saver = ShardedSaver(Path(root), reporter, Distributed(rank, 2, all_reduce_sum), keep=2)
+    saver.start(
+        toy,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+        LoopState(step=1),
+        {"loss": 1.0},
+    )
+    for _ in range(3):  # the write is held: training (default-group collectives) goes on meanwhile
         train_step(toy, optimizer)
-        at_save = full(toy, optimizer)
-        reporter = Saved()
-        saver = ShardedSaver(Path(root), reporter, Distributed(rank, 2, _sum), keep=2)
-        saver.start(
-            toy,
-            optimizer,
-            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-            LoopState(step=1),
-            {"loss": 1.0},
-        )
-        for _ in range(3):  # the write is held: training (default-group collectives) goes on meanwhile
-            train_step(toy, optimizer)
-            saver.poll()
-        after = full(toy, optimizer)
-        early = {"published": bool(list_checkpoints(Path(root))), "reported": list(reporter.saved)}
-        release.set()
-        polls = 0
-        while saver.pending is not None:  # poll publishes once the write is done on every rank, no wait
-            saver.poll()
-            polls += 1
-        torch_dist.barrier()
-        fresh, fresh_optimizer = sharded_toy()
-        train_step(fresh, fresh_optimizer)  # other values, and optimizer state to load into
-        load_sharded_state(Path(root) / "step-0000001", fresh, fresh_optimizer)
-        loaded = full(fresh, fresh_optimizer)
-        saver.close()
-        result = {
-            "early": early,
-            "reported": reporter.saved,
-            "polls": polls,
-            "loaded_equals_save_time": all(torch.equal(loaded[k], at_save[k]) for k in at_save),
-            "moved_after_save": any(not torch.equal(after[k], at_save[k]) for k in at_save),
-        }
-        (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        torch_dist.destroy_process_group()
+        saver.poll()
+    after = full(toy, optimizer)
+    early = {"published": bool(list_checkpoints(Path(root))), "reported": list(reporter.saved)}
+    release.set()
+    polls = 0
+    while saver.pending is not None:  # poll publishes once the write is done on every rank, no wait
+        saver.poll()
+        polls += 1
+    torch_dist.barrier()
+    fresh, fresh_optimizer = sharded_toy()
+    train_step(fresh, fresh_optimizer)  # other values, and optimizer state to load into
+    load_sharded_state(Path(root) / "step-0000001", fresh, fresh_optimizer)
+    loaded = full(fresh, fresh_optimizer)
+    saver.close()
+    result = {
+        "early": early,
+        "reported": reporter.saved,
+        "polls": polls,
+        "loaded_equals_save_time": all(torch.equal(loaded[k], at_save[k]) for k in at_save),
+        "moved_after_save": any(not torch.equal(after[k], at_save[k]) for k in at_save),
+    }
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def test_background_save_is_published_when_durable_with_the_state_it_started_from(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, (port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_rank, str(tmp_path))
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert zero["polls"] == one["polls"]  # both ranks report at the same point (Ray's report is a barrier)
     for rank in (zero, one):

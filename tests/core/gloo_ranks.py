@@ -1,0 +1,40 @@
+"""Run a function on N gloo ranks spawned in-process (no Ray), and the loop's all-reduce for them."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (in float64, as the train worker's), in ``tensor``'s dtype."""
+    buf = tensor.detach().to(torch.float64).clone()
+    torch_dist.all_reduce(buf)
+    return buf.to(tensor.dtype)
+
+
+def _rank_entry(rank: int, port: int, world_size: int, fn: Callable[..., Any], args: tuple) -> None:
+    torch.set_num_threads(1)
+    init = f"tcp://127.0.0.1:{port}"
+    torch_dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    try:
+        fn(rank, *args)
+        torch_dist.barrier()  # no rank tears the group down while another still uses it
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def spawn_gloo(fn: Callable[..., Any], *args: Any, ranks: int = 2) -> None:
+    """``fn(rank, *args)`` on ``ranks`` processes joined in one gloo group; raises if any rank fails.
+
+    ``fn`` must be a module-level function (it is pickled); results come back through files.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_entry, (port, ranks, fn, args), nprocs=ranks, join=True)
