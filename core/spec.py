@@ -22,6 +22,8 @@ MAX_EVAL_GENERATIONS = 32
 """The most eval prompts a job may ask greedy completions of (training.eval_generations)."""
 MAX_GENERATION_TEXT_CHARS = 4000
 """Each eval generation's prompt, chosen answer and completion are cut to this many characters."""
+MAX_GENERATION_STEPS = 100
+"""The eval steps whose generations a job keeps: the first and the latest 99 (each up to ~384 KB)."""
 
 #: Upper bound of every step and row count in a spec (keeps each integer well inside 64 bits).
 MAX_COUNT = 1_000_000_000

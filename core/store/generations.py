@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from core.spec import MAX_EVAL_GENERATIONS, MAX_GENERATION_TEXT_CHARS
+from core.spec import MAX_EVAL_GENERATIONS, MAX_GENERATION_STEPS, MAX_GENERATION_TEXT_CHARS
 from core.store.errors import NotFoundError
 from core.store.jobs import job_visible
 from core.store.models import EvalGeneration, utcnow
@@ -26,7 +26,9 @@ def add_generations(session: Session, job_id: str, step: int, samples: Sequence[
     """Record a step's samples (at most MAX_EVAL_GENERATIONS, texts cut to MAX_GENERATION_TEXT_CHARS);
     returns whether it was new.
 
-    A step reported again (a retried worker) keeps its first samples. Raises NotFoundError.
+    A step reported again (a retried worker) keeps its first samples. A job keeps MAX_GENERATION_STEPS
+    steps: the first (the earliest answers, to compare with) and the latest; those between go as new ones come.
+    Raises NotFoundError.
     """
     if not job_visible(session, job_id):
         raise NotFoundError(f"job {job_id} not found")
@@ -37,7 +39,24 @@ def add_generations(session: Session, job_id: str, step: int, samples: Sequence[
         .on_conflict_do_nothing(index_elements=["job_id", "step"])
         .returning(EvalGeneration.step)
     )
+    if inserted is not None:
+        _drop_middle_steps(session, job_id)
     return inserted is not None
+
+
+def _drop_middle_steps(session: Session, job_id: str) -> None:
+    """Keep the job's first step and its latest MAX_GENERATION_STEPS - 1."""
+    of_job = EvalGeneration.job_id == job_id
+    older = list(
+        session.scalars(
+            select(EvalGeneration.step)
+            .where(of_job)
+            .order_by(EvalGeneration.step.desc())
+            .offset(MAX_GENERATION_STEPS - 1)
+        )
+    )
+    if len(older) > 1:  # the last of them is the first step, which stays
+        session.execute(delete(EvalGeneration).where(of_job, EvalGeneration.step.in_(older[:-1])))
 
 
 def generation_steps(session: Session, job_id: str) -> list[int]:

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from core.spec import MAX_GENERATION_STEPS
 from core.store import Database, add_generations
 from tests.api.conftest import auth
 from workers.entrypoint import JobWriter
@@ -55,6 +56,23 @@ def test_texts_and_sample_count_are_bounded(client: TestClient, db: Database, sp
     data = client.get(f"/v1/jobs/{job_id}/generations", headers=auth()).json()["data"]
     assert len(data) == 32 and [s["index"] for s in data] == list(range(32))
     assert {len(s["prompt"]) for s in data} == {4000} and {len(s["completion"]) for s in data} == {4000}
+
+
+def test_a_job_keeps_its_first_and_latest_generation_steps(
+    client: TestClient, db: Database, spec: dict[str, Any]
+) -> None:
+    job_id = _job(client, spec)
+    extra = 5
+    for step in range(1, MAX_GENERATION_STEPS + extra + 1):
+        with db.write() as session:
+            assert add_generations(session, job_id, step, _samples(f"s{step}"))
+    body = client.get(f"/v1/jobs/{job_id}/generations", headers=auth()).json()
+    latest = list(range(extra + 2, MAX_GENERATION_STEPS + extra + 1))
+    assert body["steps"] == [1, *latest] and len(body["steps"]) == MAX_GENERATION_STEPS
+    first = client.get(f"/v1/jobs/{job_id}/generations", params={"step": 1}, headers=auth()).json()
+    assert first["data"] == _samples("s1")
+    gone = client.get(f"/v1/jobs/{job_id}/generations", params={"step": 2}, headers=auth())
+    assert gone.status_code == 404
 
 
 def test_another_projects_job_is_404(client: TestClient, db: Database, spec: dict[str, Any]) -> None:
