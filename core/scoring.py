@@ -69,6 +69,7 @@ class PairScorer(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
+        self.param_dtype: torch.dtype | None = None  # FSDP's mixed-precision cast, when it has one
         self.layout = layout or RowLayout()
 
     def forward(self, batch: PackedBatch) -> PairScores:
@@ -76,7 +77,7 @@ class PairScorer(nn.Module):
         decoder = lm.get_decoder()
         head = lm.get_output_embeddings()
         device = batch.input_ids.device
-        dtype = next(decoder.parameters()).dtype
+        dtype = self.param_dtype or next(decoder.parameters()).dtype  # what the attention computes in
         batch, attention_mask = prepare_attention(batch, lm, dtype)  # dense mask, or BlockMask for flex
         with autocast(self.compute_dtype, device):
             out = decoder(

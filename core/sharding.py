@@ -88,6 +88,8 @@ def shard_scorer(scorer: nn.Module, device: torch.device | str, dtype: torch.dty
     if untied and type(head) is nn.Linear and isinstance(scorer, PairScorer):
         _shard_head(scorer, head, mesh, policy)
     fully_shard(scorer, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
+    if isinstance(scorer, PairScorer):  # the attention mask in the dtype the layers compute in
+        scorer.param_dtype = policy.param_dtype
     return scorer
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,12 @@ def _rank_entry(rank: int, port: int, world_size: int, fn: Callable[..., Any], a
         torch_dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         torch_dist.destroy_process_group()
+    # Leave without finalising the interpreter: a gloo worker thread may still be releasing its last
+    # collective's work object, whose thread-local state holds a Python object, and taking the GIL
+    # during finalisation ends the process in std::terminate (SIGABRT) now and then (torch 2.13).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_gloo(fn: Callable[..., Any], *args: Any, ranks: int = 2) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import core.scoring
 import core.sharding
 from core.checkpointing import is_sharded_checkpoint
 from core.models import load_model, make_tiny_model
@@ -73,7 +74,8 @@ def make_spec(model: Path, data: Path, strategy: str, num_workers: int) -> JobSp
 
 
 def _watch_loading() -> dict[str, Any]:
-    """Count this rank's ``from_pretrained`` and fingerprint calls; note what it brings to the broadcast."""
+    """Count this rank's ``from_pretrained`` and fingerprint calls; note what it brings to the broadcast,
+    its FSDP units and the dtypes of its attention masks."""
     import torch.distributed.checkpoint.state_dict as dsd
     from torch.distributed.fsdp import FSDPModule
     from transformers import AutoModelForCausalLM
@@ -106,6 +108,12 @@ def _watch_loading() -> dict[str, Any]:
         seen["vocab_rows"] = [name for name, m in model.named_modules() if isinstance(m, by_rows)]
         return set_state(model, state, **kwargs)
 
+    def watched_attention(batch: Any, model: Any, dtype: torch.dtype) -> Any:
+        seen["mask_dtypes"] = sorted({*seen.get("mask_dtypes", []), str(dtype)})
+        return attention(batch, model, dtype)
+
+    attention = core.scoring.prepare_attention
+    core.scoring.prepare_attention = watched_attention
     AutoModelForCausalLM.from_pretrained = counted_load
     core.reference_source.model_fingerprint = counted_fingerprint
     core.sharding.model_skeleton = watched_skeleton
@@ -211,6 +219,7 @@ def test_fsdp_equals_ddp_and_one_process(runs: dict, tiny_model_dir: Path) -> No
     layers = [f"model.model.layers.{i}" for i in range(depth)]
     assert fsdp["loading"]["units"] == ["", *layers]  # the tied pair: one row-sharded weight, no unit
     assert fsdp["loading"]["vocab_rows"] == ["model.model.embed_tokens", "model.lm_head"]
+    assert fsdp["loading"]["mask_dtypes"] == ["torch.float32"]
     f, d, s = final_weights(root / "fsdp"), final_weights(root / "ddp"), final_weights(root / "one")
     assert set(f) == set(s)
     start = load_model(str(tiny_model_dir)).state_dict()
@@ -411,7 +420,9 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32(runs: dict) -> None:
     spec = runs["fsdp_spec"].model_copy(deep=True)
     spec.training.precision = "bf16"
     spec.training.checkpoint_every = None
-    bf16 = steps(run_two_ranks(spec, runs["root"] / "bf16")[0])
+    bf16_run = run_two_ranks(spec, runs["root"] / "bf16")[0]
+    assert bf16_run["loading"]["mask_dtypes"] == ["torch.bfloat16"]  # as the layers' cast parameters
+    bf16 = steps(bf16_run)
     fp32 = steps(runs["fsdp"][0])
     assert sorted(bf16) == sorted(fp32)
     for step, loss in bf16.items():

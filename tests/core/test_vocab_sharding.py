@@ -33,11 +33,16 @@ def _rank_data(rank: int) -> dict[str, torch.Tensor]:
     }
 
 
+_MESH: list = []
+
+
 def _sharded(weight: torch.Tensor) -> torch.nn.Parameter:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    if not _MESH:
+        _MESH.append(init_device_mesh("cpu", (WORLD,)))
+    mesh = _MESH[0]
     return torch.nn.Parameter(distribute_tensor(weight.clone(), mesh, [Shard(0)]))
 
 
@@ -121,3 +126,36 @@ def test_rows_are_cut_as_torch_chunk_cuts_them() -> None:
     assert [len(c) for c in torch.arange(10).chunk(4)] == [c.rows for c in cuts]
     index, held = cuts[1].local(torch.tensor([2, 3, 5, 6]))
     assert index.tolist() == [0, 0, 2, 0] and held.tolist() == [False, True, True, False]
+
+
+def _check_edges(rank: int) -> None:
+    """A rank without positions, a bf16 lookup, ids outside the vocabulary (refused on every rank alike),
+    and the generation head refusing a forward whose hidden states want a gradient."""
+    weight, d = _weight(), _rank_data(rank)
+    param = _sharded(weight)
+    embeddings = VocabShardedEmbedding(param, PAD, torch.bfloat16)
+    ids = d["ids"] if rank == 0 else d["ids"][:0]  # rank 1 has nothing to look up
+    out = embeddings(ids)
+    torch.testing.assert_close(out, F.embedding(ids, weight).to(torch.bfloat16), rtol=0, atol=0)
+    (out.float() * d["grad_out"][: len(ids)]).sum().backward()
+    rows = VocabRows.of(VOCAB, rank, WORLD)
+    w = weight.clone().requires_grad_(True)
+    zero = _rank_data(0)
+    (F.embedding(zero["ids"], w, padding_idx=PAD) * zero["grad_out"].bfloat16().float()).sum().backward()
+    expected = (w.grad / WORLD)[rows.start : rows.start + rows.rows]
+    torch.testing.assert_close(param.grad.to_local(), expected, rtol=1e-2, atol=1e-2)
+    head = VocabShardedHead(_sharded(weight), None)
+    hidden = (d["hidden"] if rank == 0 else d["hidden"][:0]).clone().requires_grad_(True)
+    logps, _ = head.logps(hidden, ids, chunk_size=CHUNK, softcap=None)
+    logps.sum().backward()
+    assert logps.shape == (len(ids),) and hidden.grad.shape == hidden.shape
+    bad = torch.tensor([VOCAB]) if rank == 1 else torch.tensor([1])  # only rank 1's id is out of range
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        embeddings(bad)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        head.requires_grad_(False)
+        head(hidden)
+
+
+def test_edge_cases_keep_every_rank_in_step() -> None:
+    spawn_gloo(_check_edges, ranks=WORLD)
