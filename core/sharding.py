@@ -6,7 +6,7 @@ broadcast into the shards (`set_model_state_dict(..., broadcast_from_rank0=True)
 
 The input embeddings and LM head (tied or not) are sharded by vocabulary rows (core.vocab_sharding):
 never gathered, FSDP ignores them. Where a model's are not plain ``nn.Embedding``/bias-free
-``nn.Linear``, they are FSDP units instead: untied input embeddings get a unit of their own, gathered
+``nn.Linear``, or on more than core.vocab_sharding.MAX_RANKS ranks, they are FSDP units instead: untied input embeddings get a unit of their own, gathered
 for the forward's first op only (their gradient needs no weights), and so does an untied LM head, whose
 one FSDP forward is the whole chunked log-prob pass (core.scoring calls the head once per chunk); a
 tied pair stays in the root unit, gathered from the forward until the end of the backward.

@@ -8,9 +8,10 @@ like an FSDP shard), and the positions come to the rows instead: each rank's pos
 broadcast, every rank computes its rows' part (the embedding rows it holds, or its rows' logits
 reduced to a log-sum-exp, the target's logit and the logits' sum), and the parts are summed on the rank
 that owns the positions. Backward recomputes each chunk's logits and adds each rank's rows' gradient
-into its own shard. No rank ever holds the full weight, its full gradient or more than one rank's
-positions at a time; the forward and backward are collectives, so every rank calls them in step (as
-with FSDP's own units). Gradients are divided by the world size, as FSDP's reduce-scatter averages.
+into its own shard. In a training step no rank holds the full weight, its full gradient or more than
+one rank's positions at a time (loading and the final save still pass the full tensor through each
+rank, one tensor at a time, as for every FSDP weight); the forward and backward are collectives, so
+every rank calls them in step (as with FSDP's own units). Gradients are divided by the world size, as FSDP's reduce-scatter averages.
 Up to MAX_RANKS ranks: beyond, what travels outgrows the weight and core.sharding uses FSDP units.
 """
 
@@ -334,7 +335,7 @@ def shard_vocabulary(lm: nn.Module, mesh: Any, dtype: torch.dtype | None) -> set
 
     def sharded(weight: nn.Parameter) -> nn.Parameter:
         # this rank's rows only, cut where the weight is (rank 0: CPU; the others: meta, filled by rank
-        # 0's broadcast later), then moved: the full weight never goes to the device
+        # 0's broadcast later), then moved: the shard is not cut from a copy of the weight on the device
         rows = VocabRows.of(weight.shape[0], rank, size)
         local = weight.detach()[rows.start : rows.start + rows.rows]
         local = local.to("meta" if local.is_meta else mesh.device_type, copy=True)

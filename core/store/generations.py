@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from core.spec import MAX_EVAL_GENERATIONS, MAX_GENERATION_STEPS, MAX_GENERATION_TEXT_CHARS
@@ -27,8 +27,8 @@ def add_generations(session: Session, job_id: str, step: int, samples: Sequence[
     returns whether it was new.
 
     A step reported again (a retried worker) keeps its first samples. A job keeps MAX_GENERATION_STEPS
-    steps: the first (the earliest answers, to compare with) and the latest; those between go as new ones come.
-    Raises NotFoundError.
+    steps: the first (the earliest answers, to compare with) and the latest; those between go as new
+    ones come. Raises NotFoundError.
     """
     if not job_visible(session, job_id):
         raise NotFoundError(f"job {job_id} not found")
@@ -39,24 +39,24 @@ def add_generations(session: Session, job_id: str, step: int, samples: Sequence[
         .on_conflict_do_nothing(index_elements=["job_id", "step"])
         .returning(EvalGeneration.step)
     )
-    if inserted is not None:
-        _drop_middle_steps(session, job_id)
-    return inserted is not None
+    if inserted is None:
+        return False
+    first, cutoff = _drop_middle_steps(session, job_id)
+    return not first < step < cutoff  # a step re-reported after its turn has gone is not kept
 
 
-def _drop_middle_steps(session: Session, job_id: str) -> None:
-    """Keep the job's first step and its latest MAX_GENERATION_STEPS - 1."""
+def _drop_middle_steps(session: Session, job_id: str) -> tuple[int, int]:
+    """Keep the job's first step and its latest MAX_GENERATION_STEPS - 1 (one bounded statement);
+    returns the first step and the oldest of the latest (the steps strictly between them are gone)."""
     of_job = EvalGeneration.job_id == job_id
-    older = list(
-        session.scalars(
-            select(EvalGeneration.step)
-            .where(of_job)
-            .order_by(EvalGeneration.step.desc())
-            .offset(MAX_GENERATION_STEPS - 1)
-        )
-    )
-    if len(older) > 1:  # the last of them is the first step, which stays
-        session.execute(delete(EvalGeneration).where(of_job, EvalGeneration.step.in_(older[:-1])))
+    step = EvalGeneration.step
+    newest = select(step).where(of_job).order_by(step.desc())
+    cutoff = session.scalar(newest.offset(MAX_GENERATION_STEPS - 2).limit(1))
+    first = session.scalar(select(func.min(step)).where(of_job))
+    if cutoff is None or first is None:  # fewer steps than the cap
+        return 0, 0
+    session.execute(delete(EvalGeneration).where(of_job, step > first, step < cutoff))
+    return first, cutoff
 
 
 def generation_steps(session: Session, job_id: str) -> list[int]:

@@ -66,6 +66,8 @@ def test_a_job_keeps_its_first_and_latest_generation_steps(
     for step in range(1, MAX_GENERATION_STEPS + extra + 1):
         with db.write() as session:
             assert add_generations(session, job_id, step, _samples(f"s{step}"))
+    with db.write() as session:  # a step reported again after its turn has gone is not kept
+        assert not add_generations(session, job_id, 3, _samples("late retry"))
     body = client.get(f"/v1/jobs/{job_id}/generations", headers=auth()).json()
     latest = list(range(extra + 2, MAX_GENERATION_STEPS + extra + 1))
     assert body["steps"] == [1, *latest] and len(body["steps"]) == MAX_GENERATION_STEPS

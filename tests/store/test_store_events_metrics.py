@@ -296,3 +296,20 @@ def test_rows_that_another_writer_left_uncounted_fall_back_to_counting(db: Datab
     with db.read() as s:
         got = [r.step for r in metric_series(s, job_id, max_points=11).data]
     assert got == [1 + r for r in _expected_ranks(150, 11)]
+
+
+def test_eval_generations_keep_the_first_and_latest_steps(db: Database) -> None:
+    from core.spec import MAX_GENERATION_STEPS
+    from core.store import add_generations
+    from core.store.generations import generation_steps
+
+    job_id = new_job(db)
+    last = MAX_GENERATION_STEPS + 7
+    for step in range(1, last + 1):
+        with db.write() as s:
+            assert add_generations(s, job_id, step, [{"prompt": "p", "chosen": "c", "completion": str(step)}])
+    with db.write() as s:
+        assert not add_generations(s, job_id, 4, [])  # trimmed already: not stored again
+        assert not add_generations(s, job_id, last, [])  # already there: keeps its first samples
+    with db.read() as s:
+        assert generation_steps(s, job_id) == [1, *range(last - MAX_GENERATION_STEPS + 2, last + 1)]
