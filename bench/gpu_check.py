@@ -1,4 +1,4 @@
-"""One prepared GPU check: environment, packed-scorer parity, 1B throughput, 7B memory probe (see bench/GPU.md).
+"""One prepared GPU check: environment, packed-scorer parity, 1B throughput, 7B memory probe, one FSDP rank (bench/GPU.md).
 
 Each configuration runs in its own subprocess (``--child``); every stage writes ``<stage>.json`` into
 the output folder (``--out``, else ``$OUT``, else ``bench/out/gpu_check``) as soon as it finishes, so
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("env", "parity", "throughput", "memory7b")
+STAGES = ("env", "parity", "throughput", "memory7b", "fsdp")
 PARITY = [{"attn": a, "precision": p} for p in ("fp32", "bf16") for a in ("flex_attention", "sdpa")]
 THROUGHPUT = [
     {"attn": "flex_attention", "precision": "bf16"},
@@ -27,6 +27,7 @@ THROUGHPUT = [
     {"attn": "flex_attention", "precision": "bf16", "pairs_per_row": None},  # several pairs per row
 ]
 MEMORY = [{"layers": 1, "attn": "flex_attention"}, {"layers": 2, "attn": "flex_attention"}]
+FSDP = [{"precision": p, "attn": "sdpa"} for p in ("bf16", "fp32")]
 TRL_NOTE = "trl is not importable here (the device image has none): TRL DPOTrainer configurations skipped"
 
 
@@ -102,6 +103,10 @@ def stage_memory(args: argparse.Namespace, out: Path) -> None:
     write(out, "memory7b", {"results": results, "extrapolation": extrapolation})
 
 
+def stage_fsdp(args: argparse.Namespace, out: Path) -> None:
+    write(out, "fsdp", {"results": [spawn("fsdp", config, args) for config in FSDP]})
+
+
 def importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
@@ -135,8 +140,10 @@ def main() -> int:
             stage_parity(args, out)
         elif stage == "throughput":
             stage_throughput(args, out, ceiling)
-        else:
+        elif stage == "memory7b":
             stage_memory(args, out)
+        else:
+            stage_fsdp(args, out)
     return 0
 
 

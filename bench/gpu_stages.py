@@ -1,7 +1,8 @@
 """The configurations bench/gpu_check.py runs, one per subprocess: each returns a JSON-able dict.
 
 Imports only torch, transformers and the pydantic-free core modules (packing, attention, scoring,
-losses, precision), so it runs on the device image (no ray, trl, datasets or pydantic).
+losses, precision, sharding, vocab_sharding), so it runs on the device image (no ray, trl, datasets or
+pydantic).
 """
 
 from __future__ import annotations
@@ -323,3 +324,65 @@ def extrapolate_memory(probes: list[dict[str, Any]], full_layers: int = 32, gpus
         "the LM-head chunk do not; ignores fragmentation and communication buffers",
         "full_layers": full_layers,
     }
+
+
+# ----- stage: FSDP on one GPU: embeddings and head sharded by vocabulary rows, over NCCL ----------
+def run_fsdp(dry_run: bool, precision: str, attn: str, **_: Any) -> dict[str, Any]:
+    """One FSDP2 rank (NCCL on CUDA, gloo in a dry run), embeddings and head sharded by vocabulary rows,
+    mixed precision through FSDP's policy: log-probs and gradients against the unsharded scorer under
+    autocast, one AdamW step, and the time of a forward and backward of each."""
+    import copy
+    import socket
+
+    import torch.distributed as torch_dist
+
+    from core.packing import pack_pairs
+    from core.scoring import PairScorer
+    from core.sharding import shard_scorer
+    from core.vocab_sharding import VocabShardedHead
+
+    device = device_for(dry_run)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch_dist.init_process_group(backend, init_method=init, rank=0, world_size=1)
+    try:
+        pairs, vocab = hh_pairs(4 if dry_run else 16, 128 if dry_run else 1024)
+        model = llama("tiny" if dry_run else "parity", vocab, attn, device)
+        dense = PairScorer(copy.deepcopy(model), compute_dtype=dtype)
+        sharded = shard_scorer(PairScorer(model), device, dtype)
+        batch = pack_pairs(pairs, range(len(pairs))).to(device)
+        timed: dict[str, float] = {}
+        scores = {}
+        for name, scorer in (("dense", dense), ("fsdp", sharded)):
+            sync(device)
+            start = time.perf_counter()
+            out = scorer(batch)
+            (out.chosen_logps - 0.5 * out.rejected_logps).sum().backward()
+            sync(device)
+            timed[name] = time.perf_counter() - start
+            scores[name] = torch.stack([out.chosen_logps, out.rejected_logps]).detach().float().cpu()
+        grads = {}
+        for part in ("get_input_embeddings", "get_output_embeddings"):
+            want = getattr(dense.model, part)().weight.grad.float()
+            got = getattr(sharded.model, part)().weight.grad.full_tensor().float()
+            grads[part] = float((got - want).norm() / want.norm())
+        optimizer = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad], lr=1e-4)
+        optimizer.step()
+        finite = all(bool(torch.isfinite(p.to_local()).all()) for p in sharded.parameters())
+        diff = (scores["fsdp"] - scores["dense"]).abs()
+        return {
+            "precision": precision,
+            "attn": attn,
+            "backend": backend,
+            "head_sharded_by_rows": isinstance(sharded.model.get_output_embeddings(), VocabShardedHead),
+            "logps_max_abs_diff": float(diff.max()),
+            "mean_abs_logp": float(scores["dense"].abs().mean()),
+            "grad_rel_diff": grads,
+            "weights_finite_after_adamw": finite,
+            "first_step_s": timed,
+        }
+    finally:
+        torch_dist.destroy_process_group()

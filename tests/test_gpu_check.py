@@ -31,7 +31,7 @@ def test_gpu_check_dry_run_writes_every_stage(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert set(stages) == {"env", "parity", "throughput", "memory7b"}
+    assert set(stages) == {"env", "parity", "throughput", "memory7b", "fsdp"}
     for name, stage in stages.items():
         failed = [r for r in stage["results"] if not r["ok"]]
         assert not failed, f"{name}: {failed}"
@@ -51,3 +51,24 @@ def test_gpu_check_dry_run_writes_every_stage(tmp_path: Path) -> None:
     )
     assert throughput["summary"]["flex_rows_auto_over_one_pair_per_row_pairs_per_s"] > 0
     assert [r["layers"] for r in stages["memory7b"]["results"]] == [1, 2]
+    fsdp = {r["precision"]: r for r in stages["fsdp"]["results"]}
+    assert all(r["head_sharded_by_rows"] and r["weights_finite_after_adamw"] for r in fsdp.values())
+    assert fsdp["fp32"]["logps_max_abs_diff"] < 1e-3 * fsdp["fp32"]["mean_abs_logp"]  # float rounding only
+    assert max(fsdp["fp32"]["grad_rel_diff"].values()) < 1e-5
+    assert fsdp["bf16"]["logps_max_abs_diff"] < 1e-2 * fsdp["bf16"]["mean_abs_logp"]  # bf16 cast vs autocast
+    assert max(fsdp["bf16"]["grad_rel_diff"].values()) < 5e-2
+
+
+def test_the_check_imports_nothing_the_device_image_lacks() -> None:
+    """The device image has no pydantic, ray, trl or datasets: every core module a stage imports must
+    load without them (a child process where importing them fails)."""
+    modules = ["bench.gpu_stages", "core.packing", "core.attention", "core.scoring", "core.losses"]
+    modules += ["core.precision", "core.sharding", "core.vocab_sharding", "core.models"]
+    code = (
+        "import sys\n"
+        "for name in ('pydantic', 'ray', 'trl', 'datasets'):\n"
+        "    sys.modules[name] = None\n"
+        f"for module in {modules!r}:\n"
+        "    __import__(module)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
