@@ -332,7 +332,6 @@ def run_fsdp(dry_run: bool, precision: str, attn: str, **_: Any) -> dict[str, An
     mixed precision through FSDP's policy: log-probs and gradients against the unsharded scorer under
     autocast, one AdamW step, and the time of a forward and backward of each."""
     import copy
-    import socket
 
     import torch.distributed as torch_dist
 
@@ -343,11 +342,8 @@ def run_fsdp(dry_run: bool, precision: str, attn: str, **_: Any) -> dict[str, An
 
     device = device_for(dry_run)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     backend = "nccl" if device.type == "cuda" else "gloo"
-    torch_dist.init_process_group(backend, init_method=init, rank=0, world_size=1)
+    torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
     try:
         pairs, vocab = hh_pairs(4 if dry_run else 16, 128 if dry_run else 1024)
         model = llama("tiny" if dry_run else "parity", vocab, attn, device)

@@ -111,8 +111,14 @@ class PairScorer(nn.Module):
             with autocast(self.compute_dtype, states.device):
                 return head(states)
 
-        softcap = getattr(causal_lm(self.model).config, "final_logit_softcapping", None)
-        return completion_logps(hidden, targets, head_logits, chunk_size=self.chunk_size, softcap=softcap)
+        return completion_logps(
+            hidden, targets, head_logits, chunk_size=self.chunk_size, softcap=self.softcap
+        )
+
+    @property
+    def softcap(self) -> float | None:
+        """The model's final-logit soft cap (Gemma 2), or None."""
+        return getattr(causal_lm(self.model).config, "final_logit_softcapping", None)
 
 
 def scorer_for(model: nn.Module, training: TrainingSpec, device: torch.device | str) -> PairScorer:

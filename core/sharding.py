@@ -6,8 +6,8 @@ broadcast into the shards (`set_model_state_dict(..., broadcast_from_rank0=True)
 
 The input embeddings and LM head (tied or not) are sharded by vocabulary rows (core.vocab_sharding):
 never gathered, FSDP ignores them. Where a model's are not plain ``nn.Embedding``/bias-free
-``nn.Linear``, or on more than core.vocab_sharding.MAX_RANKS ranks, they are FSDP units instead: untied input embeddings get a unit of their own, gathered
-for the forward's first op only (their gradient needs no weights), and so does an untied LM head, whose
+``nn.Linear``, or on more than core.vocab_sharding.MAX_RANKS ranks, they are FSDP units instead:
+untied input embeddings get a unit of their own, gathered for the forward's first op only (their gradient needs no weights), and so does an untied LM head, whose
 one FSDP forward is the whole chunked log-prob pass (core.scoring calls the head once per chunk); a
 tied pair stays in the root unit, gathered from the forward until the end of the backward.
 """
@@ -62,7 +62,9 @@ def mixed_precision(dtype: torch.dtype) -> Any:
 
 
 def shard_scorer(scorer: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """Apply ``fully_shard`` to each decoder layer and then to ``scorer`` (the root), in place."""
+    """Shard ``scorer`` in place: the embeddings and head by vocabulary rows where they can be (else FSDP
+    units of their own when untied), ``fully_shard`` on each decoder layer and on ``scorer`` (the root);
+    a PairScorer's log-prob pass is routed through a sharded head and its masks take the layers' dtype."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -75,7 +77,7 @@ def shard_scorer(scorer: nn.Module, device: torch.device | str, dtype: torch.dty
     lm = causal_lm(model)
     ignored: set[nn.Parameter] = set()
     if vocab_shardable(lm, torch_dist.get_world_size()):
-        ignored = shard_vocabulary(lm, mesh, torch.bfloat16 if dtype == torch.bfloat16 else None)
+        ignored = shard_vocabulary(lm, mesh, policy.param_dtype)
         if isinstance(scorer, PairScorer) and isinstance(lm.get_output_embeddings(), VocabShardedHead):
             _route_head(scorer, lm.get_output_embeddings())
     embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
@@ -95,10 +97,9 @@ def shard_scorer(scorer: nn.Module, device: torch.device | str, dtype: torch.dty
 
 def _route_head(scorer: PairScorer, head: VocabShardedHead) -> None:
     """The scorer's log-prob pass goes through the vocabulary-sharded head's own chunked ``logps``."""
-    softcap = getattr(causal_lm(scorer.model).config, "final_logit_softcapping", None)
 
     def completion_logps(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return head.logps(hidden, targets, chunk_size=scorer.chunk_size, softcap=softcap)
+        return head.logps(hidden, targets, chunk_size=scorer.chunk_size, softcap=scorer.softcap)
 
     setattr(head, HEAD_UNIT_METHOD, completion_logps)
 

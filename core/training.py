@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from core.checkpointing import (
     LoopState,
     check_resume_position,
-    is_sharded_checkpoint,
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
@@ -122,7 +121,7 @@ class Trainer:
         saved = load_trainer_state(checkpoint) if checkpoint else None  # memory-mapped, see there
         if saved is not None:  # a resume that cannot continue the data's order is refused before any load
             check_resume_position(saved["loop"], dist.world_size, t.batch_size)
-        moved = checkpoint is not None and not is_sharded_checkpoint(checkpoint)  # weights not pretrained
+        moved = saved is not None and not saved.get("sharded")  # weights not pretrained
         if self.fsdp:
             # rank 0 reads the weights into CPU memory, each layer goes to the device as it is sharded;
             # the shards start from the pretrained weights and a sharded checkpoint is loaded into them below

@@ -38,12 +38,13 @@ class VocabRows:
     start: int
     rows: int
     vocab: int
+    per_rank: int  # the most rows a rank holds: the width every rank's part is padded to
 
     @classmethod
     def of(cls, vocab: int, rank: int, world_size: int) -> VocabRows:
         per_rank = -(-vocab // world_size)
         start = min(rank * per_rank, vocab)
-        return cls(start, min(per_rank, vocab - start), vocab)
+        return cls(start, min(per_rank, vocab - start), vocab, per_rank)
 
     def local(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """``ids`` as row indices into this shard (0 where not held) and the mask of those it holds."""
@@ -77,7 +78,7 @@ class _Ranks:
         mine = torch.cat([torch.tensor([n], dtype=torch.long, device=device), span])
         every = [torch.zeros_like(mine) for _ in range(self.size)]
         torch_dist.all_gather(every, mine, group=self.group)
-        found = torch.stack(every).tolist()  # the one host sync of a pass
+        found = torch.stack(every).tolist()  # the one host sync of this forward
         vocab = self.rows.vocab
         bad = [rank for rank, (_, high, low) in enumerate(found) if high >= vocab or low < 0]
         if bad:
@@ -170,11 +171,14 @@ class _ShardedLogps(torch.autograd.Function):
         sizes = ranks.sizes(hidden.shape[0], hidden.device, targets)
         local_weight = weight.to(dtype)
         logps, means, lse = (hidden.new_empty(0, dtype=torch.float32) for _ in range(3))  # no positions
+        every_targets = []
         for src, n in enumerate(sizes):
             if n == 0:
+                every_targets.append(targets.new_empty(0))
                 continue
             hidden_src = ranks.broadcast(src, hidden, (n, hidden.shape[1]), hidden.dtype)
-            index, held = rows.local(ranks.broadcast(src, targets, (n,), torch.long))
+            every_targets.append(ranks.broadcast(src, targets, (n,), torch.long))
+            index, held = rows.local(every_targets[-1])
             stats = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
@@ -188,14 +192,14 @@ class _ShardedLogps(torch.autograd.Function):
                 every = torch.stack(parts)  # [ranks, 3, n]
                 lse = torch.logsumexp(every[:, 0], 0)
                 logps, means = every[:, 1].sum(0) - lse, every[:, 2].sum(0) / rows.vocab
-        ctx.save_for_backward(hidden, targets, weight, lse)
+        ctx.save_for_backward(hidden, torch.cat(every_targets), weight, lse)  # backward sends no targets
         ctx.sizes, ctx.ranks, ctx.chunk, ctx.softcap, ctx.dtype = sizes, ranks, chunk, softcap, dtype
         ctx.mark_non_differentiable(means)
         return logps, means
 
     @staticmethod
     def backward(ctx: Any, grad_logps: Tensor | None, _grad_means: Tensor | None) -> tuple[Any, ...]:
-        hidden, targets, weight, lse = ctx.saved_tensors
+        hidden, every_targets, weight, lse = ctx.saved_tensors
         ranks, chunk, softcap = ctx.ranks, ctx.chunk, ctx.softcap
         rows, width = ranks.rows, hidden.shape[1]
         if grad_logps is None:
@@ -206,14 +210,14 @@ class _ShardedLogps(torch.autograd.Function):
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         )
         grad_hidden = None
-        own = torch.stack([targets.to(torch.float64), grad_logps.double(), lse.double()])
-        for src, n in enumerate(ctx.sizes):
+        own = torch.stack([grad_logps.float(), lse])
+        for src, targets_src in enumerate(every_targets.split(ctx.sizes)):
+            n = len(targets_src)
             if n == 0:
                 continue
             hidden_src = ranks.broadcast(src, hidden, (n, width), hidden.dtype)
-            meta = ranks.broadcast(src, own, (3, n), torch.float64)
-            index, held = rows.local(meta[0].long())
-            grad_src, lse_src = meta[1].float(), meta[2].float()
+            grad_src, lse_src = ranks.broadcast(src, own, (2, n), torch.float32)
+            index, held = rows.local(targets_src)
             grad_part = torch.zeros(n, width, dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
@@ -294,14 +298,13 @@ class VocabShardedHead(nn.Module):
             raise RuntimeError("VocabShardedHead's forward has no gradient: train through its logps")
         local, ranks = _shard_of(self.weight)
         local = local.to(self.compute_dtype or local.dtype)
-        per_rank = -(-self.out_features // ranks.size)
         flat = hidden.reshape(-1, self.in_features)
         out = flat.new_empty(0, self.out_features, dtype=local.dtype)
         for src, n in enumerate(ranks.sizes(flat.shape[0], flat.device)):
             if n == 0:
                 continue
             hidden_src = ranks.broadcast(src, flat, (n, self.in_features), flat.dtype)
-            part = torch.zeros(n, per_rank, dtype=local.dtype, device=flat.device)
+            part = torch.zeros(n, ranks.rows.per_rank, dtype=local.dtype, device=flat.device)
             part[:, : ranks.rows.rows] = hidden_src.to(local.dtype) @ local.T
             parts = ranks.gather(src, part)
             if parts is not None:

@@ -46,15 +46,15 @@ def add_generations(session: Session, job_id: str, step: int, samples: Sequence[
 
 
 def _drop_middle_steps(session: Session, job_id: str) -> tuple[int, int]:
-    """Keep the job's first step and its latest MAX_GENERATION_STEPS - 1 (one bounded statement);
+    """Keep the job's first step and its latest MAX_GENERATION_STEPS - 1 (a delete of bounded size);
     returns the first step and the oldest of the latest (the steps strictly between them are gone)."""
     of_job = EvalGeneration.job_id == job_id
     step = EvalGeneration.step
     newest = select(step).where(of_job).order_by(step.desc())
     cutoff = session.scalar(newest.offset(MAX_GENERATION_STEPS - 2).limit(1))
-    first = session.scalar(select(func.min(step)).where(of_job))
-    if cutoff is None or first is None:  # fewer steps than the cap
+    if cutoff is None:  # fewer steps than the cap
         return 0, 0
+    first = session.scalar(select(func.min(step)).where(of_job))
     session.execute(delete(EvalGeneration).where(of_job, step > first, step < cutoff))
     return first, cutoff
 

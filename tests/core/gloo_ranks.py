@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+
+from workers.ports import listen_ports
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,5 @@ def spawn_gloo(fn: Callable[..., Any], *args: Any, ranks: int = 2) -> None:
 
     ``fn`` must be a module-level function (it is pickled); results come back through files.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = listen_ports(1)[0]  # outside the ephemeral range: no outgoing connection takes it meanwhile
     mp.spawn(_rank_entry, (port, ranks, fn, args), nprocs=ranks, join=True)

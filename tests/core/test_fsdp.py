@@ -238,7 +238,7 @@ def test_untied_embeddings_and_head_by_rows_or_as_units_train_the_same(
     untied = make_tiny_model(tmp_path / "untied", tokenizer=tiny_model_dir, tie_embeddings=False)
     model, tied = load_model(str(untied)), load_model(str(tiny_model_dir))
     assert shard_units(model) == [model.get_input_embeddings(), *decoder_layers(model)]
-    assert shard_units(tied) == decoder_layers(tied)  # a tied head keeps its weight in the root unit
+    assert shard_units(tied) == decoder_layers(tied)  # a tied pair, if not by rows, stays in the root unit
     single = StepRecorder()
     train(make_spec(untied, learnable_pairs_file, "ddp", 1), RunOptions(output_dir=tmp_path / "one"), single)
     layers = [f"model.model.layers.{i}" for i in range(model.config.num_hidden_layers)]
@@ -275,7 +275,7 @@ def test_only_rank0_reads_the_weights_and_fingerprints(runs: dict) -> None:
     assert bring1["local"] <= bring1["full"] // 2 + 1024  # rank 1 only ever held its half
     assert (zero["fingerprints"], one["fingerprints"]) == (1, 0)
     layers = [f"model.model.layers.{i}" for i in range(2)]
-    assert zero["units"] == ["", *layers]  # the tied embeddings and head stay in the root unit
+    assert zero["units"] == ["", *layers]  # the tied pair is sharded by rows: no unit of its own
     ddp = [r["loading"] for r in runs["ddp"]]  # the counters do count: under DDP every rank loads
     assert [r["from_pretrained"] for r in ddp] == [1, 1]
     assert [r["fingerprints"] for r in ddp] == [1, 0] and ddp[1]["broadcasts"] == []

@@ -84,14 +84,23 @@ def test_weight_files_are_hashed_in_parallel_and_in_order(
     for i, file in enumerate(files):
         file.write_bytes(os.urandom(1000 + i))
     reads: list[str] = []
+    lock = threading.Lock()
     together = threading.Barrier(2, timeout=10)  # the first two hashes must run at the same time
+    last_done = threading.Event()
     real = hashlib.file_digest
 
     def counted(fh, name):  # type: ignore[no-untyped-def]
-        reads.append(fh.name)
-        if len(reads) <= 2:
+        with lock:  # this call's place among the hashes, taken atomically
+            reads.append(fh.name)
+            place = len(reads)
+        if place <= 2:
             together.wait()  # sequential hashing would break the barrier here
-        return real(fh, name)
+        if fh.name == str(files[0]):  # the first file finishes after the last one: out of order
+            assert last_done.wait(10)
+        digest = real(fh, name)
+        if fh.name == str(files[-1]):
+            last_done.set()
+        return digest
 
     monkeypatch.setattr(digests.hashlib, "file_digest", counted)
     expected = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]

@@ -159,3 +159,27 @@ def _check_edges(rank: int) -> None:
 
 def test_edge_cases_keep_every_rank_in_step() -> None:
     spawn_gloo(_check_edges, ranks=WORLD)
+
+
+def test_which_embeddings_and_heads_are_sharded_by_rows() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.vocab_sharding import MAX_RANKS, vocab_shardable
+
+    def lm(vocab: int = VOCAB, **changes: object) -> LlamaForCausalLM:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, tie_word_embeddings=False)  # fmt: skip
+        model = LlamaForCausalLM(config)
+        if "bias" in changes:
+            model.lm_head = torch.nn.Linear(8, vocab, bias=True)
+        if "max_norm" in changes:
+            model.get_input_embeddings().max_norm = 1.0
+        return model
+
+    assert vocab_shardable(lm(), 2) and vocab_shardable(lm(), MAX_RANKS)
+    assert not vocab_shardable(lm(), MAX_RANKS + 1)  # FSDP units beyond
+    assert not vocab_shardable(lm(bias=True), 2)
+    assert not vocab_shardable(lm(max_norm=True), 2)
+    assert vocab_shardable(lm(), 4)
+    assert vocab_shardable(lm(vocab=10), 4)  # rows 3, 3, 3, 1
+    assert not vocab_shardable(lm(vocab=9), 4)  # rows 3, 3, 3, 0: a rank would hold none

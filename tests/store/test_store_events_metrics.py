@@ -301,7 +301,7 @@ def test_rows_that_another_writer_left_uncounted_fall_back_to_counting(db: Datab
 def test_eval_generations_keep_the_first_and_latest_steps(db: Database) -> None:
     from core.spec import MAX_GENERATION_STEPS
     from core.store import add_generations
-    from core.store.generations import generation_steps
+    from core.store.generations import generation_steps, get_generations
 
     job_id = new_job(db)
     last = MAX_GENERATION_STEPS + 7
@@ -310,6 +310,7 @@ def test_eval_generations_keep_the_first_and_latest_steps(db: Database) -> None:
             assert add_generations(s, job_id, step, [{"prompt": "p", "chosen": "c", "completion": str(step)}])
     with db.write() as s:
         assert not add_generations(s, job_id, 4, [])  # trimmed already: not stored again
-        assert not add_generations(s, job_id, last, [])  # already there: keeps its first samples
+        assert not add_generations(s, job_id, last, [{"prompt": "p", "chosen": "c", "completion": "retry"}])
+        assert get_generations(s, job_id, last).samples[0]["completion"] == str(last)  # its first samples
     with db.read() as s:
         assert generation_steps(s, job_id) == [1, *range(last - MAX_GENERATION_STEPS + 2, last + 1)]
